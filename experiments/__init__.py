@@ -1,0 +1,7 @@
+"""jaxeff's experiments, one module per paper (installed as ``jaxeff.experiments``).
+
+Each module defines ``EXPERIMENTS = {"cli-name": jaxeff.experiment.Experiment(...)}`` and keeps
+jax imports inside ``run`` so that ``jaxeff list`` stays instant. Add new modules to MODULES.
+"""
+
+MODULES = ("lm",)

@@ -1,0 +1,284 @@
+"""A Llama-compatible decoder in Flax NNX.
+
+Pre-norm blocks ``x + Attn(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))`` with
+``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w``, grouped-query attention with RoPE, and a SwiGLU
+MLP ``W_down(silu(W_gate x) * W_up x)``. Parameter names follow Llama (q/k/v/o, gate/up/down),
+so Hugging Face or GGUF Llama weights map onto it one to one.
+
+The layers are stored stacked (a leading ``layers`` axis on every block parameter) and applied
+with ``jax.lax.scan``: the compiled program holds one block whatever the depth, which keeps
+compile time flat on small machines and deep models.
+
+References:
+  Touvron et al., LLaMA: Open and Efficient Foundation Language Models, 2023.
+  https://arxiv.org/abs/2302.13971
+  Shazeer, GLU Variants Improve Transformer, 2020. https://arxiv.org/abs/2002.05202
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxeff.nn.attention import causal_mask, dot_product_attention
+from jaxeff.nn.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and options of a Llama-style decoder."""
+
+    vocab_size: int = 4096
+    dim: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    ffn_dim: int = 1408
+    max_seq_len: int = 2048
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False  # recompute block activations in the backward pass
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        checks = {
+            "vocab_size": self.vocab_size > 0,
+            "dim": self.dim > 0,
+            "n_layers": self.n_layers > 0,
+            "n_heads": self.n_heads > 0 and self.dim % self.n_heads == 0,
+            "n_kv_heads": self.n_kv_heads > 0 and self.n_heads % max(self.n_kv_heads, 1) == 0,
+            "ffn_dim": self.ffn_dim > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"TransformerConfig.{name}={getattr(self, name)!r} is invalid "
+                    "(dim must divide by n_heads, n_heads by n_kv_heads, dropout in [0, 1))"
+                )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"TransformerConfig.dtype={self.dtype!r}; allowed: {sorted(_DTYPES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    def num_params(self) -> int:
+        """Parameter count, embeddings included (the tied head counted once)."""
+        d, f, h = self.dim, self.ffn_dim, self.head_dim
+        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * block + d + head
+
+
+# Logical axis names of every parameter, by the last two names of its path. A rules table in
+# jaxeff.parallel.mesh maps them to mesh axes; stacked block parameters get "layers" in front.
+LOGICAL_AXES: Mapping[tuple[str, str], tuple[str, ...]] = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("q", "kernel"): ("embed", "heads"),
+    ("k", "kernel"): ("embed", "kv_heads"),
+    ("v", "kernel"): ("embed", "kv_heads"),
+    ("o", "kernel"): ("heads", "embed"),
+    ("gate", "kernel"): ("embed", "mlp"),
+    ("up", "kernel"): ("embed", "mlp"),
+    ("down", "kernel"): ("mlp", "embed"),
+    ("attn_norm", "scale"): ("norm",),
+    ("mlp_norm", "scale"): ("norm",),
+    ("final_norm", "scale"): ("norm",),
+}
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...]).astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out, use_bias=False, kernel_init=nnx.initializers.normal(std), rngs=rngs
+    )
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, std = cfg.head_dim, cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5
+        self.q = _linear(cfg.dim, cfg.n_heads * h, std, rngs)
+        self.k = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs)
+        self.v = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs)
+        self.o = _linear(cfg.n_heads * h, cfg.dim, out_std, rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q = self.q(x).reshape(b, s, cfg.n_heads, cfg.head_dim)
+        k = self.k(x).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v(x).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, mask)
+        return self.o(out.reshape(b, s, cfg.n_heads * cfg.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        std = cfg.init_std
+        self.gate = _linear(cfg.dim, cfg.ffn_dim, std, rngs)
+        self.up = _linear(cfg.dim, cfg.ffn_dim, std, rngs)
+        self.down = _linear(cfg.ffn_dim, cfg.dim, std / (2 * cfg.n_layers) ** 0.5, rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, dropout_key=None):
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        x = x + _dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.cfg.dropout, keys[0])
+        return x + _dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, keys[1])
+
+
+class Transformer(nnx.Module):
+    """Llama-style decoder: ``logits = head(norm(blocks(embed(tokens))))``.
+
+    Args:
+      cfg: the model's shape and options.
+      rngs: ``nnx.Rngs`` with a ``params`` stream for initialisation.
+
+    Example:
+      >>> from flax import nnx
+      >>> cfg = TransformerConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, ffn_dim=32)
+      >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((1, 5), jnp.int32)).shape
+      (1, 5, 32)
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.dim,
+            embedding_init=nnx.initializers.normal(cfg.init_std),
+            rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(layer_rngs):
+            return Block(cfg, rngs=layer_rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg.init_std, rngs)
+
+    def hidden_states(
+        self, tokens, positions=None, mask=None, *, dropout_key: jax.Array | None = None
+    ):
+        """Final-norm hidden states ``[B, S, dim]``.
+
+        Args:
+          tokens: int ``[B, S]``.
+          positions: int ``[B, S]`` RoPE positions (default ``0..S-1``; left-padded batches pass
+            their own).
+          mask: boolean, broadcastable to ``[B, heads, S, S]``, True = attend (default causal).
+          dropout_key: a PRNG key enables dropout (training); None disables it.
+        """
+        cfg = self.cfg
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if mask is None:
+            mask = causal_mask(s)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_base))
+        x = self.embed(tokens).astype(cfg.compute_dtype)
+        if dropout_key is not None and cfg.dropout > 0:
+            keys = jax.random.split(dropout_key, cfg.n_layers + 1)
+            x = _dropout(x, cfg.dropout, keys[0])
+            layer_keys = keys[1:]
+        else:
+            layer_keys = None
+
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(h, layer):
+            params, key = layer
+            block = nnx.merge(graphdef, params)
+            return block(h, cos, sin, mask, key), None
+
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+        return self.final_norm(x)
+
+    def logits_from_hidden(self, x):
+        """Vocabulary logits (float32) from hidden states."""
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+    def __call__(self, tokens, positions=None, mask=None, *, dropout_key=None):
+        """Logits ``[B, S, vocab]`` (float32); arguments as in `hidden_states`."""
+        x = self.hidden_states(tokens, positions, mask, dropout_key=dropout_key)
+        return self.logits_from_hidden(x)
+
+
+def param_logical_axes(params: nnx.State) -> nnx.State:
+    """Logical axis names (a tuple per parameter) for a Transformer's parameter state."""
+
+    def axes_of(path, leaf):
+        names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        names = tuple(n for n in names if n != "value")
+        axes = LOGICAL_AXES.get(names[-2:], (None,) * leaf.ndim)
+        if "blocks" in names:
+            axes = ("layers",) + tuple(axes)
+        if len(axes) != leaf.ndim:
+            raise ValueError(f"logical axes {axes} do not fit parameter {names} of {leaf.shape}")
+        return axes
+
+    return jax.tree_util.tree_map_with_path(axes_of, params)

@@ -1,0 +1,101 @@
+"""Named device meshes and the logical-axis rules table.
+
+Model code names logical axes (``embed``, ``heads``, ``mlp``, ``vocab``, ``layers``, ``batch``);
+one rules table maps each onto mesh axes. Changing the parallelism is a change of mesh shape
+or rules, never of model code (the MaxText convention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq", "clients")
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (replicated)
+DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": "seq",
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "expert": "expert",
+    "layers": None,
+    "norm": None,
+}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None):
+    """A mesh with the named axes of ``shape`` (e.g. ``{"data": 2, "tensor": 4}``)."""
+    for name in shape:
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh axis {name!r} is not allowed; allowed: {', '.join(MESH_AXES)}")
+    devices = list(devices) if devices is not None else jax.devices()
+    size = math.prod(shape.values())
+    if size != len(devices):
+        raise ValueError(
+            f"mesh shape {dict(shape)} needs {size} devices, but {len(devices)} are available"
+        )
+    return jax.sharding.Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
+
+
+def logical_to_spec(
+    axes: Sequence[str | None],
+    mesh: jax.sharding.Mesh,
+    rules: Mapping[str, str | tuple[str, ...] | None] = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for one array whose dimensions have logical names ``axes``.
+
+    Mesh axes absent from the mesh or of size 1 are dropped, and a mesh axis is used at most
+    once per array. With ``shape``, a dimension that does not divide by its mesh axes raises.
+    """
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        target = rules.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1 and t not in used)
+        if shape is not None and kept:
+            ways = math.prod(mesh.shape[t] for t in kept)
+            if shape[i] % ways:
+                raise ValueError(
+                    f"dimension {i} ({name}) of size {shape[i]} does not divide over mesh axes "
+                    f"{kept} of total size {ways}"
+                )
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*spec)
+
+
+def named_shardings(logical_tree, shapes_tree, mesh, rules=DEFAULT_RULES):
+    """A tree of NamedShardings from trees of logical axes and of arrays (or shape structs)."""
+
+    def one(axes, arr):
+        return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, np.shape(arr)))
+
+    return jax.tree.map(one, logical_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shardings_like_params(tree, params, param_shardings, mesh):
+    """Shardings for an optimizer state: every subtree shaped like ``params`` takes the params'
+    shardings (Adam's moments, for instance); every other leaf is replicated."""
+    structure = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def is_param_like(node):
+        try:
+            return jax.tree.structure(node) == structure
+        except Exception:  # noqa: BLE001 - unregistered nodes are simply not param-like
+            return False
+
+    def one(node):
+        return param_shardings if is_param_like(node) else replicated
+
+    return jax.tree.map(one, tree, is_leaf=is_param_like)
