@@ -36,3 +36,26 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int) -> T
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(seed),
     )
+
+
+def train_state_shardings(state: TrainState, param_axes, mesh, rules=None) -> TrainState:
+    """Shardings for every leaf of ``state`` on ``mesh``.
+
+    Params follow their logical axes (``param_axes``, e.g. from
+    `jaxeff.nn.transformer.param_logical_axes`) through the rules table; optimizer-state
+    subtrees shaped like the params (Adam's moments) follow the params; step, RNG and the
+    remaining optimizer leaves are replicated.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxeff.parallel import mesh as mesh_lib
+
+    rules = mesh_lib.DEFAULT_RULES if rules is None else rules
+    params = mesh_lib.named_shardings(param_axes, state.params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        step=replicated,
+        params=params,
+        opt_state=mesh_lib.shardings_like_params(state.opt_state, state.params, params, mesh),
+        rng=replicated,
+    )
