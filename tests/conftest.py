@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("JAXEFF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jaxeff_cache"))
+os.environ.setdefault(
+    "JAXEFF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jaxeff_cache")
+)
 
 
 def _has_gpu() -> bool:

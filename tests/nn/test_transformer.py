@@ -56,7 +56,9 @@ def test_gqa_with_kv_heads_equal_heads_is_multi_head_attention():
     q = apply_rope((x @ a.q.kernel[...]).reshape(2, 6, 4, 8), cos, sin)
     k = apply_rope((x @ a.k.kernel[...]).reshape(2, 6, 4, 8), cos, sin)
     v = (x @ a.v.kernel[...]).reshape(2, 6, 4, 8)
-    ref = _np_mha(*(np.asarray(t) for t in (q, k, v))).reshape(2, 6, 32) @ np.asarray(a.o.kernel[...])
+    ref = _np_mha(*(np.asarray(t) for t in (q, k, v))).reshape(2, 6, 32) @ np.asarray(
+        a.o.kernel[...]
+    )
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -101,7 +103,9 @@ def test_param_count_and_logical_axes_cover_every_parameter():
     leaves = jax.tree.leaves(params)
     assert sum(x.size for x in leaves) == CFG.num_params()
     untied = dataclasses.replace(CFG, tie_embeddings=False)
-    n_untied = sum(x.size for x in jax.tree.leaves(nnx.state(Transformer(untied, rngs=nnx.Rngs(0)))))
+    n_untied = sum(
+        x.size for x in jax.tree.leaves(nnx.state(Transformer(untied, rngs=nnx.Rngs(0))))
+    )
     assert n_untied == CFG.num_params() + CFG.vocab_size * CFG.dim == untied.num_params()
     axes = jax.tree.leaves(param_logical_axes(params), is_leaf=lambda a: isinstance(a, tuple))
     assert all(None not in a for a in axes)

@@ -47,15 +47,18 @@ SCRIPT = textwrap.dedent(
     mu = state.opt_state[0].mu["blocks"]["mlp"]["up"]["kernel"][...]
     print("MU_SPEC", tuple(mu.sharding.spec))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # one Adam step moves a weight by about lr = 1e-2: 1e-4 is 1% of a step
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)  # adam steps are lr=1e-2
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     print("LOSSES", losses)
     """
 )
 
 
 def test_train_step_on_a_data_tensor_mesh_matches_one_device():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SPEC (None, None, 'tensor') DEVICES 4" in out.stdout
     assert "MU_SPEC (None, None, 'tensor')" in out.stdout

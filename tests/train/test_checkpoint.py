@@ -37,7 +37,9 @@ def test_round_trip_restores_every_leaf_and_the_data_state(tmp_path):
     for a, b in pairs:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the template was a different model (seed 1): restoring must have replaced it
-    assert not np.allclose(jax.tree.leaves(_state(1).params)[0], jax.tree.leaves(restored.params)[0])
+    assert not np.allclose(
+        jax.tree.leaves(_state(1).params)[0], jax.tree.leaves(restored.params)[0]
+    )
 
 
 def test_keep_policy_keeps_the_newest(tmp_path):

@@ -30,7 +30,10 @@ def _setup(tx):
 
 def _batch():
     rng = np.random.default_rng(0)
-    return {"x": rng.normal(size=(4, 3)).astype(np.float32), "y": rng.normal(size=4).astype(np.float32)}
+    return {
+        "x": rng.normal(size=(4, 3)).astype(np.float32),
+        "y": rng.normal(size=4).astype(np.float32),
+    }
 
 
 def test_objective_is_weighted_batch_mean_plus_weighted_aux():
@@ -79,7 +82,10 @@ def test_extra_args_reach_tx_update_with_a_working_grad_fn():
     graphdef, state = _setup(tx)
     batch = _batch()
     step = make_train_step(
-        graphdef, tx, regression_loss, aux_weights={"l2": 0.0},
+        graphdef,
+        tx,
+        regression_loss,
+        aux_weights={"l2": 0.0},
         update_extra_args=lambda b, grad_fn: {"grad_fn": grad_fn, "scale": 0.2},
         donate=False,
     )
