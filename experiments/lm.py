@@ -251,6 +251,7 @@ def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict
     from jaxeff.train.loop import LoopConfig, evaluate, fit
 
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-lm-")
+    os.makedirs(workdir, exist_ok=True)
     data, mcfg, _, state, train_step, eval_step = build(cfg)
     t = cfg.train
     if t.batch_size > len(data.train):

@@ -47,6 +47,7 @@ class TransformerConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False  # recompute block activations in the backward pass
+    scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled loop)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -253,7 +254,12 @@ class Transformer(nnx.Module):
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+        else:
+            for i in range(cfg.n_layers):
+                layer = jax.tree.map(lambda a, i=i: a[i], (stacked, layer_keys))
+                x, _ = body(x, layer)
         return self.final_norm(x)
 
     def logits_from_hidden(self, x):
