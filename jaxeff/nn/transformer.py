@@ -119,10 +119,26 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...]).astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in, d_out, use_bias=False, kernel_init=nnx.initializers.normal(std), rngs=rngs
-    )
+class Linear(nnx.Module):
+    """``y = x W`` without bias; ``W`` is ``kernel [d_in, d_out]`` (Flax's layout).
+
+    The leading dimensions are flattened into one before the matmul: XLA:CPU lowers the weight
+    gradient of a 3-D ``dot_general`` through a transposed copy at about half the matmul rate,
+    while the 2-D form runs at full rate (measured in lm-bench's set-up: 80 vs 144 GFLOP/s).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out)))
+
+    def __call__(self, x):
+        kernel = self.kernel[...]
+        lead = x.shape[:-1]
+        y = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
+        return y.reshape(*lead, kernel.shape[-1])
+
+
+def _linear(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> Linear:
+    return Linear(d_in, d_out, std=std, rngs=rngs)
 
 
 def _dropout(x, rate: float, key):
@@ -265,7 +281,9 @@ class Transformer(nnx.Module):
     def logits_from_hidden(self, x):
         """Vocabulary logits (float32) from hidden states."""
         if self.cfg.tie_embeddings:
-            return self.embed.attend(x).astype(jnp.float32)
+            table = self.embed.embedding[...]
+            flat = x.reshape(-1, x.shape[-1]) @ table.T.astype(x.dtype)  # 2-D: see `Linear`
+            return flat.reshape(*x.shape[:-1], table.shape[0]).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
     def __call__(self, tokens, positions=None, mask=None, *, dropout_key=None):
