@@ -29,7 +29,7 @@ demo: install-demo
 	$(BIN)/jaxeff run lm --preset demo
 
 test: install-test
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --nbmake --durations=15 tests notebooks $(PYTEST_ARGS)
 
 lint: $(BIN)/python
 	$(BIN)/ruff check jaxeff kernels experiments tests

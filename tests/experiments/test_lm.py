@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from jaxeff.experiments import lm
 
 from jaxeff import config as config_lib
+from jaxeff.experiments import lm
 from jaxeff.train.metrics import read_metrics
 
 SMOKE = lm.get_config("smoke")
