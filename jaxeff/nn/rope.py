@@ -12,7 +12,48 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
+
+ROPE_METHODS = ("none",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How to stretch RoPE beyond the pretraining context ``original_max_len``.
+
+    ``method`` is one of ``ROPE_METHODS``; ``factor`` is the extension ratio ``s``.
+    """
+
+    method: str = "none"
+    factor: float = 1.0
+    original_max_len: int = 2048
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in ROPE_METHODS:
+            raise ValueError(
+                f"RopeScaling.method={self.method!r}; allowed: {', '.join(ROPE_METHODS)}"
+            )
+
+
+def rope_frequencies(
+    head_dim: int,
+    base: float,
+    scaling: RopeScaling | None = None,
+    seq_len: jnp.ndarray | int | None = None,
+) -> tuple[jnp.ndarray, float | jnp.ndarray]:
+    """``(inv_freq [d/2], attention_factor)`` for plain or scaled RoPE.
+
+    ``seq_len`` is the current sequence length (dynamic methods adapt to it; it may be a traced
+    value). The attention factor multiplies cos and sin (YaRN's temperature), 1 otherwise.
+    """
+    del seq_len
+    if scaling is None or scaling.method == "none":
+        return rope_inv_freq(head_dim, base), 1.0
+    raise ValueError(f"unsupported RoPE scaling {scaling.method!r}")
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> jnp.ndarray:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn.attention import causal_mask, dot_product_attention
-from jaxeff.nn.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from jaxeff.nn.rope import RopeScaling, apply_rope, rope_cos_sin, rope_frequencies
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -42,6 +42,7 @@ class TransformerConfig:
     ffn_dim: int = 1408
     max_seq_len: int = 2048
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # PI / NTK / YaRN context extension
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -106,6 +107,17 @@ LOGICAL_AXES: Mapping[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer ``[L, B, S_max, K, d]`` and each slot's RoPE position
+    ``[B, S_max]`` (-1: empty or padding)."""
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+
+
 class RMSNorm(nnx.Module):
     """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32."""
 
@@ -160,15 +172,29 @@ class Attention(nnx.Module):
         self.v = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs)
         self.o = _linear(cfg.n_heads * h, cfg.dim, out_std, rngs)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """Self-attention over ``x [B, T, dim]``; with ``cache = (k_all, v_all, layer,
+        offset)`` (all layers' caches ``[L, B, S_max, K, d]``), the new keys and values are
+        written at slots ``offset .. offset+T-1`` of ``layer`` and the queries attend over
+        every slot (``mask [B, 1, T, S_max]``). Returns the output, and the updated
+        ``(k_all, v_all)`` when a cache was given."""
         cfg = self.cfg
         b, s, _ = x.shape
         q = self.q(x).reshape(b, s, cfg.n_heads, cfg.head_dim)
         k = self.k(x).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         v = self.v(x).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = dot_product_attention(q, k, v, mask)
-        return self.o(out.reshape(b, s, cfg.n_heads * cfg.head_dim))
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask)
+            return self.o(out.reshape(b, s, cfg.n_heads * cfg.head_dim))
+        k_all, v_all, layer, offset = cache
+        start = (layer, 0, offset, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+        v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+        out = dot_product_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask)
+        return self.o(out.reshape(b, s, cfg.n_heads * cfg.head_dim)), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -194,10 +220,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
+        """One layer; with a ``cache`` (see `Attention`) returns ``(x, (k_all, v_all))``."""
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        x = x + _dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.cfg.dropout, keys[0])
-        return x + _dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, keys[1])
+        attn = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + _dropout(attn, self.cfg.dropout, keys[0])
+        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, keys[1])
+        return x if cache is None else (x, cache)
 
 
 class Transformer(nnx.Module):
@@ -252,7 +283,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         if mask is None:
             mask = causal_mask(s)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_base))
+        cos, sin = self.rope_tables(positions)
         x = self.embed(tokens).astype(cfg.compute_dtype)
         if dropout_key is not None and cfg.dropout > 0:
             keys = jax.random.split(dropout_key, cfg.n_layers + 1)
@@ -277,6 +308,57 @@ class Transformer(nnx.Module):
                 layer = jax.tree.map(lambda a, i=i: a[i], (stacked, layer_keys))
                 x, _ = body(x, layer)
         return self.final_norm(x)
+
+    def rope_tables(self, positions):
+        """cos, sin ``[B, T, head_dim]`` for RoPE positions ``[B, T]`` (with the scaling of
+        the config; dynamic methods see the current length ``max(positions) + 1``)."""
+        cfg = self.cfg
+        inv_freq, factor = rope_frequencies(
+            cfg.head_dim, cfg.rope_base, cfg.rope_scaling, seq_len=jnp.max(positions) + 1
+        )
+        return rope_cos_sin(jnp.maximum(positions, 0), inv_freq, factor)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.full((batch, max_len), -1, jnp.int32),
+        )
+
+    def forward_cached(self, tokens, positions, cache: KVCache, offset):
+        """Runs ``tokens [B, T]`` at RoPE ``positions [B, T]`` (-1 marks padding) into cache
+        slots ``offset .. offset+T-1`` and returns ``(logits [B, T, vocab], cache)``.
+
+        A query at position ``p`` sees the cached slots whose position is in ``0 .. p``: slots
+        of padding (-1) and of the future are masked, so left-padded rows of a batch decode
+        exactly as they would alone.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        slot_pos = jax.lax.dynamic_update_slice(
+            cache.positions, positions.astype(jnp.int32), (0, offset)
+        )
+        visible = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= positions[:, :, None])
+        mask = visible[:, None]  # [B, 1, T, S_max]
+        cos, sin = self.rope_tables(positions)
+        x = self.embed(tokens).astype(cfg.compute_dtype)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(carry, layer):
+            h, k_all, v_all = carry
+            params, index = layer
+            block = nnx.merge(graphdef, params)
+            h, (k_all, v_all) = block(h, cos, sin, mask, None, (k_all, v_all, index, offset))
+            return (h, k_all, v_all), None
+
+        layers = (stacked, jnp.arange(cfg.n_layers))
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), layers)
+        logits = self.logits_from_hidden(self.final_norm(x))
+        return logits, KVCache(k=k_all, v=v_all, positions=slot_pos)
 
     def logits_from_hidden(self, x):
         """Vocabulary logits (float32) from hidden states."""

@@ -130,3 +130,30 @@ def test_bad_config_names_the_field():
         TransformerConfig(n_heads=8, n_kv_heads=3)
     with pytest.raises(ValueError, match="dtype"):
         TransformerConfig(dtype="float64")
+
+
+def test_kv_cache_with_left_padding_matches_full_forward_of_each_row():
+    model = Transformer(CFG, rngs=nnx.Rngs(2))
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, CFG.vocab_size, 10), rng.integers(0, CFG.vocab_size, 8)]
+    prompt_lens = [6, 4]
+    # prefill: both prompts left-padded to 6 slots
+    pad = [6 - n for n in prompt_lens]
+    tokens = np.zeros((2, 6), np.int32)
+    positions = np.full((2, 6), -1, np.int32)
+    for r, (row, n) in enumerate(zip(rows, prompt_lens, strict=True)):
+        tokens[r, pad[r] :] = row[:n]
+        positions[r, pad[r] :] = np.arange(n)
+    cache = model.init_cache(2, 12)
+    logits, cache = model.forward_cached(jnp.asarray(tokens), jnp.asarray(positions), cache, 0)
+    got = [[np.asarray(logits[r, -1])] for r in range(2)]
+    for step in range(4):
+        nxt = np.array([[rows[r][prompt_lens[r] + step]] for r in range(2)], np.int32)
+        pos = np.array([[prompt_lens[r] + step] for r in range(2)], np.int32)
+        logits, cache = model.forward_cached(jnp.asarray(nxt), jnp.asarray(pos), cache, 6 + step)
+        for r in range(2):
+            got[r].append(np.asarray(logits[r, 0]))
+    for r in range(2):
+        full = np.asarray(model(jnp.asarray(rows[r][None, : prompt_lens[r] + 4])))[0]
+        ref = full[prompt_lens[r] - 1 : prompt_lens[r] + 4]
+        np.testing.assert_allclose(np.stack(got[r]), ref, rtol=1e-4, atol=1e-4)
