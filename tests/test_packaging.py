@@ -2,6 +2,7 @@
 (wheel) install and in the editable install that `make test` makes."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,6 +23,15 @@ def test_editable_install_maps_the_top_level_folders():
 
 
 def test_wheel_contains_the_mapped_packages_and_imports_from_them(tmp_path):
+    # build from a copy: setuptools leaves build/ in the source tree, and stale files there
+    # would end up in later wheels
+    src = tmp_path / "src"
+    for name in ("jaxeff", "kernels", "experiments"):
+        shutil.copytree(
+            os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
     build = subprocess.run(
         [
             sys.executable,
@@ -33,7 +43,7 @@ def test_wheel_contains_the_mapped_packages_and_imports_from_them(tmp_path):
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            ROOT,
+            str(src),
         ],
         capture_output=True,
         text=True,

@@ -1,29 +1,70 @@
-"""Rotary position embeddings (RoPE).
+"""Rotary position embeddings (RoPE) and their context-extension methods.
 
 RoPE rotates each pair of channels ``(x_i, x_{i + d/2})`` of a query or key at position ``m`` by
 the angle ``m * theta_i`` with ``theta_i = base^(-2i/d)``, ``i = 0 .. d/2 - 1`` (the "rotate half"
 layout of Hugging Face Llama; llama.cpp's interleaved-pair layout is a permutation of it, undone
 when weights are imported). Then ``<R_m q, R_n k>`` depends on ``m - n`` only.
 
+Context extension. A model pretrained on ``L0 = original_max_len`` tokens sees, beyond ``L0``,
+rotation angles of its low-frequency pairs that it never saw. With ``s = factor`` the target
+ratio ``L / L0``, the methods of `RopeScaling` change the frequencies ``theta_i`` (and YaRN the
+cos/sin magnitude):
+
+==============  ==========================================================================
+``linear``      Position interpolation: ``theta_i / s`` (positions squeezed into ``[0, L0)``).
+``ntk``         NTK-aware: ``base' = base * s^(d/(d-2))``; high frequencies barely move, the
+                lowest one becomes exactly PI's ``theta_{d/2-1} / s``.
+``dynamic_ntk`` NTK-aware with ``s`` replaced by ``s * L / L0 - (s - 1)``, ``L = max(seq_len,
+                L0)``: plain RoPE up to ``L0``, growing with the current length after it.
+``yarn``        NTK-by-parts: extrapolate (keep) fast dimensions, interpolate (``/ s``) slow
+                ones, a linear ramp between; cos and sin scaled by ``0.1 ln s + 1``.
+``llama3``      Llama 3.1: keep short wavelengths, divide long ones by ``s``, blend between.
+==============  ==========================================================================
+
+Zhong et al. compare PI, NTK-aware and YaRN through attention: extensions that keep the attention
+patterns close to those at the pretrained length extrapolate better, high attention entropy goes
+with retrieval errors, and a longer continual-pretraining length lowers it.
+
 References:
   Su et al., RoFormer: Enhanced Transformer with Rotary Position Embedding, 2021.
   https://arxiv.org/abs/2104.09864
+  Chen et al., Extending Context Window of Large Language Models via Positional Interpolation,
+  2023. https://arxiv.org/abs/2306.15595
+  bloc97, NTK-Aware Scaled RoPE allows LLaMA models to have extended (8k+) context size without
+  any fine-tuning and minimal perplexity degradation, Reddit r/LocalLLaMA, 2023 (dynamic variant:
+  emozilla, 2023).
+  Peng et al., YaRN: Efficient Context Window Extension of Large Language Models, 2023.
+  https://arxiv.org/abs/2309.00071
+  Grattafiori et al. (Llama team), The Llama 3 Herd of Models, 2024.
+  https://arxiv.org/abs/2407.21783
+  Zhong et al., Understanding the RoPE Extensions of Long-Context LLMs: An Attention
+  Perspective, COLING 2025. https://aclanthology.org/2025.coling-main.600 (arXiv:2406.13282)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax.numpy as jnp
 
-ROPE_METHODS = ("none",)
+ROPE_METHODS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """How to stretch RoPE beyond the pretraining context ``original_max_len``.
 
-    ``method`` is one of ``ROPE_METHODS``; ``factor`` is the extension ratio ``s``.
+    Args:
+      method: one of ``ROPE_METHODS`` (see the module docstring).
+      factor: the extension ratio ``s >= 1`` (target length / ``original_max_len``).
+      original_max_len: ``L0``, the context length the model was pretrained on (used by
+        ``dynamic_ntk``, ``yarn`` and ``llama3``).
+      beta_fast, beta_slow: YaRN's ramp bounds in rotations over ``L0``: dimensions that turn
+        more than ``beta_fast`` times are kept, fewer than ``beta_slow`` times interpolated.
+      low_freq_factor, high_freq_factor: Llama 3.1's wavelength bounds: wavelengths above
+        ``L0 / low_freq_factor`` are divided by ``s``, below ``L0 / high_freq_factor`` kept.
     """
 
     method: str = "none"
@@ -31,12 +72,104 @@ class RopeScaling:
     original_max_len: int = 2048
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self):
         if self.method not in ROPE_METHODS:
             raise ValueError(
                 f"RopeScaling.method={self.method!r}; allowed: {', '.join(ROPE_METHODS)}"
             )
+        if not (_is_real(self.factor) and math.isfinite(self.factor) and self.factor >= 1):
+            raise ValueError(f"RopeScaling.factor={self.factor!r}; allowed: a finite number >= 1")
+        if not (
+            isinstance(self.original_max_len, numbers.Integral)
+            and not isinstance(self.original_max_len, bool)
+            and self.original_max_len >= 1
+        ):
+            raise ValueError(
+                f"RopeScaling.original_max_len={self.original_max_len!r}; allowed: an int >= 1"
+            )
+        if self.method == "yarn" and not (
+            _is_real(self.beta_slow)
+            and _is_real(self.beta_fast)
+            and 0 < self.beta_slow < self.beta_fast
+        ):
+            raise ValueError(
+                f"RopeScaling.beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}; "
+                "allowed: 0 < beta_slow < beta_fast (YaRN)"
+            )
+        if self.method == "llama3" and not (
+            _is_real(self.low_freq_factor)
+            and _is_real(self.high_freq_factor)
+            and 0 < self.low_freq_factor < self.high_freq_factor
+        ):
+            raise ValueError(
+                f"RopeScaling.low_freq_factor={self.low_freq_factor!r}, "
+                f"high_freq_factor={self.high_freq_factor!r}; "
+                "allowed: 0 < low_freq_factor < high_freq_factor (llama3)"
+            )
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def ntk_base(head_dim: int, base: float, factor):
+    """NTK-aware base ``base' = base * s^(d / (d - 2))`` (bloc97, 2023).
+
+    The exponent is chosen so that the lowest frequency ``base'^(-(d-2)/d)`` equals position
+    interpolation's ``base^(-(d-2)/d) / s`` while the highest (``i = 0``) stays 1. ``factor`` may
+    be a (traced) jnp scalar; then so is the result.
+    """
+    if head_dim < 4 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim}; allowed: an even int >= 4 for NTK scaling")
+    return base * factor ** (head_dim / (head_dim - 2))
+
+
+def dynamic_ntk_base(
+    head_dim: int, base: float, factor: float, original_max_len: int, seq_len=None
+) -> jnp.ndarray:
+    """Dynamic NTK base ``base * (s L / L0 - (s - 1))^(d / (d - 2))``, ``L = max(seq_len, L0)``.
+
+    Hugging Face's ``_compute_dynamic_ntk_parameters`` convention (emozilla, 2023): at
+    ``L <= L0`` the base is unchanged (plain RoPE); beyond, the effective NTK ratio ``s L / L0 -
+    (s - 1)`` grows linearly in ``L`` with slope ``s / L0`` (``s + 1`` at ``L = 2 L0``).
+    ``seq_len`` may be a traced jnp scalar (None means ``L0``); returns a float32 jnp scalar.
+    """
+    length = original_max_len if seq_len is None else seq_len
+    length = jnp.maximum(jnp.asarray(length), original_max_len).astype(jnp.float32)
+    ratio = factor * length / original_max_len - (factor - 1)
+    return jnp.asarray(ntk_base(head_dim, base, ratio), jnp.float32)
+
+
+def yarn_ramp_dims(
+    head_dim: int,
+    base: float,
+    original_max_len: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> tuple[int, int]:
+    """YaRN's ramp bounds ``(low, high)`` over the dimension index ``i`` (Peng et al., 2023).
+
+    Pair ``i`` turns ``r_i = L0 theta_i / (2 pi)`` times over ``L0``; solving ``r_i = beta`` gives
+    ``i(beta) = d ln(L0 / (2 pi beta)) / (2 ln base)``, and ``low = floor(i(beta_fast))``,
+    ``high = ceil(i(beta_slow))``, clamped to ``[0, d - 1]`` as in YaRN's reference code and
+    Hugging Face (the ramp is evaluated on ``i = 0 .. d/2 - 1`` only, so a ``high`` past
+    ``d/2 - 1`` just makes the ramp shallower).
+    """
+
+    def dim_of(beta):
+        return head_dim * math.log(original_max_len / (beta * 2 * math.pi)) / (2 * math.log(base))
+
+    low = math.floor(dim_of(beta_fast))
+    high = math.ceil(dim_of(beta_slow))
+    return max(low, 0), min(high, head_dim - 1)
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's cos/sin scale ``sqrt(1/t) = 0.1 ln s + 1`` for ``s > 1``, else 1."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def rope_frequencies(
@@ -47,17 +180,56 @@ def rope_frequencies(
 ) -> tuple[jnp.ndarray, float | jnp.ndarray]:
     """``(inv_freq [d/2], attention_factor)`` for plain or scaled RoPE.
 
-    ``seq_len`` is the current sequence length (dynamic methods adapt to it; it may be a traced
-    value). The attention factor multiplies cos and sin (YaRN's temperature), 1 otherwise.
+    ``seq_len`` is the current sequence length (``dynamic_ntk`` adapts to it; it may be a traced
+    value; the other methods ignore it). The attention factor multiplies cos and sin (YaRN's
+    temperature), 1 otherwise. With ``theta_i = base^(-2i/d)``, ``s = factor``, ``L0 =
+    original_max_len``:
+
+    - ``linear``: ``theta_i / s``.
+    - ``ntk``: ``base'^(-2i/d)`` with ``base' = ntk_base(d, base, s)``.
+    - ``dynamic_ntk``: the same with ``base' = dynamic_ntk_base(d, base, s, L0, seq_len)``.
+    - ``yarn``: with ``(low, high) = yarn_ramp_dims(...)``, ``ramp_i = clip((i - low) / (high -
+      low), 0, 1)`` (``high += 0.001`` when equal) and the extrapolation mask ``m_i = 1 -
+      ramp_i``: ``theta_i / s * (1 - m_i) + theta_i * m_i``; attention factor ``0.1 ln s + 1``.
+    - ``llama3``: with ``lambda_i = 2 pi / theta_i``: ``theta_i`` if ``lambda_i < L0 /
+      high_freq_factor``, ``theta_i / s`` if ``lambda_i > L0 / low_freq_factor``, else
+      ``(1 - g) theta_i / s + g theta_i`` with ``g = (L0 / lambda_i - low_freq_factor) /
+      (high_freq_factor - low_freq_factor)``.
     """
-    del seq_len
+    inv_freq = rope_inv_freq(head_dim, base)
     if scaling is None or scaling.method == "none":
-        return rope_inv_freq(head_dim, base), 1.0
-    raise ValueError(f"unsupported RoPE scaling {scaling.method!r}")
+        return inv_freq, 1.0
+    method, s, l0 = scaling.method, scaling.factor, scaling.original_max_len
+    if method == "linear":
+        return inv_freq / s, 1.0
+    if method == "ntk":
+        return rope_inv_freq(head_dim, ntk_base(head_dim, base, s)), 1.0
+    if method == "dynamic_ntk":
+        return rope_inv_freq(head_dim, dynamic_ntk_base(head_dim, base, s, l0, seq_len)), 1.0
+    if method == "yarn":
+        low, high = yarn_ramp_dims(head_dim, base, l0, scaling.beta_fast, scaling.beta_slow)
+        if low == high:
+            high += 0.001  # avoid 0/0, as the reference code does
+        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+        extrapolate = 1.0 - ramp
+        inv_freq = (inv_freq / s) * (1.0 - extrapolate) + inv_freq * extrapolate
+        return inv_freq, yarn_attention_factor(s)
+    if method == "llama3":
+        lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > l0 / lo, inv_freq / s, inv_freq)
+        smooth = (l0 / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / s + smooth * scaled
+        medium = (wavelen >= l0 / hi) & (wavelen <= l0 / lo)
+        return jnp.where(medium, blended, scaled), 1.0
+    raise ValueError(f"RopeScaling.method={method!r}; allowed: {', '.join(ROPE_METHODS)}")
 
 
-def rope_inv_freq(head_dim: int, base: float = 10000.0) -> jnp.ndarray:
-    """Inverse frequencies ``base^(-2i/d)`` for ``i = 0 .. d/2 - 1``, float32 ``[d/2]``."""
+def rope_inv_freq(head_dim: int, base: float | jnp.ndarray = 10000.0) -> jnp.ndarray:
+    """Inverse frequencies ``base^(-2i/d)`` for ``i = 0 .. d/2 - 1``, float32 ``[d/2]``.
+
+    ``base`` may be a (traced) jnp scalar, as dynamic NTK produces.
+    """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim

@@ -66,14 +66,14 @@ def test_load_run_restores_the_trained_model_and_samples(smoke_run):
     from flax import nnx
 
     from jaxeff.data.packing import build_lm_data
-    from jaxeff.infer.generate import sample
+    from jaxeff.infer.generate import Generator
     from jaxeff.train.loop import evaluate, make_eval_step
     from jaxeff.train.losses import causal_lm_loss
 
     workdir, summary = smoke_run
     model, tokenizer = lm.load_run(workdir)
     ids = tokenizer.encode("The ").ids
-    out = sample(model, ids, 5, window=RUN.data.seq_len, temperature=0.0)
+    out = Generator(model, bucket=8).generate([ids], 5)[0]
     assert len(out) == 5 and all(0 <= i < tokenizer.get_vocab_size() for i in out)
     # the restored model reproduces the run's final validation perplexity
     d = RUN.data
