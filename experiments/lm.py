@@ -113,7 +113,7 @@ def get_config(preset: str) -> LMConfig:
         return LMConfig(
             data=DataConfig(max_bytes=1_500_000),
             model=ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704),
-            train=TrainConfig(steps=300, eval_every=100, checkpoint_every=100),
+            train=TrainConfig(steps=200, eval_every=100, checkpoint_every=100),
         )
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu, demo")
 

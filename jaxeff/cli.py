@@ -2,6 +2,8 @@
 
     jaxeff list
     jaxeff run NAME [--preset smoke|cpu|demo] [--set a.b=value ...] [--out DIR] [--resume]
+    jaxeff generate "prompt" [--chat] [--model FILE.gguf] [--max-new-tokens N] [--temperature T]
+    jaxeff chat [--system TEXT] [--model FILE.gguf]
 
 Progress goes to stderr; the last line on stdout is one JSON object with the final metrics
 (also written to ``summary.json`` in the run directory). A bad name, preset, key or value is
@@ -39,7 +41,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default=None, help="run directory (default runs/NAME/<UTC time>)")
     run.add_argument("--resume", action="store_true", help="continue the newest run of NAME")
+    for name, help_text in (
+        ("generate", "continue a prompt with a local GGUF model (default SmolLM2-135M)"),
+        ("chat", "chat with a local GGUF model on the terminal (ChatML)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        if name == "generate":
+            p.add_argument("prompt", help="the text to continue")
+            p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn")
+        else:
+            p.add_argument("--system", default=None, help="system message")
+        p.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M)")
+        p.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 256)
+        p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7)
+        p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
+        p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _generate(args) -> int:
+    from jaxeff.llm.local import LocalModel
+
+    llm = LocalModel(args.model)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    if args.chat:
+        text = llm.chat([{"role": "user", "content": args.prompt}], args.max_new_tokens, **sampling)
+    else:
+        text = llm.complete(args.prompt, args.max_new_tokens, **sampling)
+    print(text, flush=True)
+    return 0
+
+
+def _chat(args) -> int:
+    from jaxeff.llm.local import LocalModel
+
+    llm = LocalModel(args.model)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    sys.stderr.write("jaxeff chat: type a message; an empty line or Ctrl-D ends.\n")
+    turn = 0
+    while True:
+        sys.stderr.write("you> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        reply = llm.chat(history, args.max_new_tokens, seed=args.seed + turn, **sampling)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+        turn += 1
 
 
 def _fail(message: str) -> int:
@@ -53,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxeff import experiment
 
     try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
         if args.command == "list":
             for name, exp in experiment.registry().items():
                 presets = ",".join(exp.presets)

@@ -171,10 +171,7 @@ def test_tiny_gguf_maps_weights_and_caches(tmp_path, monkeypatch):
     warm, warm_tok, warm_chat = load_gguf(path, cache_dir=cache, dtype="bfloat16")
     assert warm.cfg.dtype == "bfloat16" and warm_chat == chat
     assert warm_tok.encode(" the<|im_end|> t").ids == tok.encode(" the<|im_end|> t").ids
-    ids = jnp.asarray([[5, 70, 261, 2]], jnp.int32)
-    np.testing.assert_allclose(
-        model(ids), nnx.merge(*nnx.split(warm))(ids), atol=0.5
-    )  # bfloat16 compute vs float32; the weights themselves are equal:
+    # bfloat16 is the compute dtype only: the parameters are the same float32 arrays
     for a, b in zip(
         jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(warm)), strict=True
     ):
@@ -182,13 +179,16 @@ def test_tiny_gguf_maps_weights_and_caches(tmp_path, monkeypatch):
 
 
 def test_truncated_file(tmp_path, smollm2_path):
-    bad = tmp_path / "truncated.gguf"
     with open(smollm2_path, "rb") as src:
-        bad.write_bytes(src.read(1 << 20))
-    with pytest.raises(ValueError, match=re.escape(str(bad))):
-        read_gguf_config(bad)
+        head = src.read(1 << 20)
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(head)  # cut inside the tokenizer metadata
     with pytest.raises(ValueError, match=re.escape(str(bad))):
         load_gguf(bad, cache_dir=tmp_path / "cache")
+    short = tmp_path / "short.gguf"
+    short.write_bytes(head[: 1 << 16])
+    with pytest.raises(ValueError, match=re.escape(str(short))):
+        read_gguf_config(short)
     text = tmp_path / "notes.gguf"
     text.write_text("not a gguf file\n")
     with pytest.raises(ValueError, match="not a readable GGUF"):
