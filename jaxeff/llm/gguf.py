@@ -266,7 +266,8 @@ def build_tokenizer(path_or_reader, *, split_digits: bool | None = None) -> Toke
       path_or_reader: the ``.gguf`` file or an open ``gguf.GGUFReader``.
       split_digits: force the digit split on or off (None: from ``tokenizer.ggml.pre``).
         ``False`` reproduces HF transformers' GGUF conversion, which omits the split; the two
-        differ only where a run of two or more blanks precedes a digit.
+        differ only in the blanks before a numeral (a run of two or more before a digit, one
+        before a non-ASCII numeral such as ``½``), which the split keeps whole.
     """
     reader = path_or_reader
     if isinstance(path_or_reader, (str, os.PathLike)):
@@ -371,7 +372,7 @@ def _read_cache(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]] | No
             meta = f.metadata() or {}
             if meta.get("format") != _CACHE_FORMAT:
                 return None
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
         return None
 
@@ -384,6 +385,7 @@ def _write_cache(file: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]
     os.close(fd)
     try:
         save_file(arrays, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(tmp, file)  # atomic: readers see the old file or the whole new one
     except BaseException:
         if os.path.exists(tmp):

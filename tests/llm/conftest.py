@@ -1,6 +1,7 @@
 """SmolLM2 loaded once per test session: jaxeff's import and, as the independent reference, Hugging
 Face transformers reading the same GGUF file."""
 
+import contextlib
 import os
 
 import pytest
@@ -43,9 +44,23 @@ def hf_model(smollm2_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with one_torch_thread():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread: on 2 shared cores its thread pool otherwise spins against XLA's
+    (measured here: a 5-token forward 1.1 s with 2 threads, 0.13 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +69,10 @@ def hf_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Runs the test with torch on one thread (see `one_torch_thread`)."""
+    with one_torch_thread():
+        yield
