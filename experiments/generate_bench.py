@@ -39,13 +39,14 @@ class GenerateBenchConfig:
     repeats: int = 3
     model_path: str | None = None
     bucket: int = 32
+    hf_threads: int = 0  # torch threads for HF (0: torch's default)
 
 
 def get_config(preset: str) -> GenerateBenchConfig:
     if preset == "smoke":
         return GenerateBenchConfig(batch_sizes=(1, 2), new_tokens=4, repeats=1)
     if preset == "cpu":
-        return GenerateBenchConfig()
+        return GenerateBenchConfig(new_tokens=32)
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
 
 
@@ -93,6 +94,8 @@ def run(cfg: GenerateBenchConfig, workdir: str | None = None, resume: bool = Fal
     path = cfg.model_path or smollm2_path()
     model, tokenizer, _ = load_gguf(path)
     gen = Generator(model, bucket=cfg.bucket)
+    if cfg.hf_threads:
+        torch.set_num_threads(cfg.hf_threads)
     hf, hf_tok = _hf_model(path)
     out = {"jaxeff_tok_s": {}, "hf_tok_s": {}}
     for b in cfg.batch_sizes:
@@ -117,8 +120,13 @@ def run(cfg: GenerateBenchConfig, workdir: str | None = None, resume: bool = Fal
         ours = jaxeff_call()  # warm-up: compiles prefill and decode for this bucket
         theirs = hf_call()
         if b == 1:
+            # HF's min_new_tokens bans EOS while ours decodes through it: compare up to it
             prompt_len = enc["input_ids"].shape[1]
-            out["same_greedy_b1"] = ours[0] == theirs[0, prompt_len:].tolist()
+            hf_ids = theirs[0, prompt_len:].tolist()
+            eos = hf_tok.eos_token_id
+            end = ours[0].index(eos) if eos in ours[0] else len(ours[0])
+            out["same_greedy_b1"] = ours[0][:end] == hf_ids[:end]
+            out["greedy_tokens_compared"] = end
         tokens = b * cfg.new_tokens
         out["jaxeff_tok_s"][f"b{b}"] = tokens / _median_time(jaxeff_call, cfg.repeats)
         out["hf_tok_s"][f"b{b}"] = tokens / _median_time(hf_call, cfg.repeats)

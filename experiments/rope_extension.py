@@ -63,6 +63,7 @@ class DataConfig:
     val_fraction: float = 0.05
     passkey_fraction: float = 0.2  # of the training windows
     n_digits: int = 5
+    answer_weight: float = 1.0  # loss weight of the passkey answer tokens (others: 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +182,8 @@ def check_config(cfg: RopeExtConfig) -> None:
         )
     if cfg.eval.dynamic_factor < 1:
         raise ValueError(f"eval.dynamic_factor={cfg.eval.dynamic_factor}; allowed: >= 1")
+    if cfg.data.answer_weight <= 0:
+        raise ValueError(f"data.answer_weight={cfg.data.answer_weight}; allowed: > 0")
     if not 0 <= cfg.data.passkey_fraction < 1:
         raise ValueError(f"data.passkey_fraction={cfg.data.passkey_fraction}; allowed: [0, 1)")
 
@@ -222,7 +225,7 @@ def with_rope_scaling(model, scaling, max_seq_len: int | None = None):
 class _Data:
     tokenizer: object
     eos_id: int
-    train_windows: object  # [N, L0 + 1], LM and passkey windows mixed
+    train_windows: object  # MixedWindows [N, L0 + 1]: LM and passkey windows mixed
     n_passkey_windows: int
     train_arrays: list  # token ids of each training document
     val_arrays: list
@@ -264,14 +267,14 @@ def build_data(cfg: RopeExtConfig) -> _Data:
         prose = [[x.text for x in train_docs], [x.text for x in val_docs]]
     template = passkey.PasskeyTemplate(n_digits=d.n_digits)
     train_filler = passkey.filler_stream(tok, prose[0])
-    tokens, is_pk = passkey.mix_passkey_windows(
+    mixed = passkey.mix_passkey_windows(
         lm_data.train.tokens, tok, train_filler, d.passkey_fraction, cfg.seed, template
     )
     return _Data(
         tokenizer=tok,
         eos_id=tok.token_to_id(EOS_TOKEN),
-        train_windows=tokens,
-        n_passkey_windows=int(np.sum(is_pk)),
+        train_windows=mixed,
+        n_passkey_windows=int(np.sum(mixed.is_passkey)),
         train_arrays=encode_documents(tok, train_docs),
         val_arrays=encode_documents(tok, val_docs),
         train_filler=train_filler,
@@ -279,6 +282,30 @@ def build_data(cfg: RopeExtConfig) -> _Data:
         vocab_size=lm_data.vocab_size,
         unigram_ppl=lm_data.unigram_ppl,
     )
+
+
+class WeightedWindows:
+    """A grain source of training windows ``{"tokens": [L], "loss_mask": [L]}``: the loss mask
+    (per-token weights in `causal_lm_loss`) is ``answer_weight`` on passkey answers, else 1."""
+
+    def __init__(self, tokens, answer_mask, answer_weight: float):
+        import hashlib
+
+        import numpy as np
+
+        self._tokens = np.ascontiguousarray(tokens, np.int32)
+        self._mask = np.where(answer_mask, np.float32(answer_weight), np.float32(1.0))
+        digest = hashlib.sha1(self._tokens.tobytes() + self._mask.tobytes()).hexdigest()[:16]
+        self._repr = f"WeightedWindows(shape={self._tokens.shape}, sha1={digest})"
+
+    def __len__(self) -> int:
+        return self._tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        return {"tokens": self._tokens[index], "loss_mask": self._mask[index]}
+
+    def __repr__(self) -> str:
+        return self._repr
 
 
 def val_windows(data: _Data, length: int, n_tokens: int):
@@ -383,16 +410,14 @@ def _train(
     """`fit` on ``windows`` from ``params``; returns the trained model and the records."""
     from flax import nnx
 
-    from jaxeff.data.packing import PackedSource, make_loader
+    from jaxeff.data.packing import make_loader
     from jaxeff.experiments.lm import make_optimizer
     from jaxeff.nn.transformer import Transformer
     from jaxeff.train.loop import fit, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.state import create_train_state
 
-    source = PackedSource(windows)
-    if loop.steps and len(source) < 1:
-        raise ValueError("no training windows; raise data.max_bytes")
+    source = WeightedWindows(windows.tokens, windows.answer_mask, cfg.data.answer_weight)
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
     tx = make_optimizer(optim, loop.steps)
@@ -460,7 +485,7 @@ def _continual(cfg: RopeExtConfig, data: _Data, model, workdir: str, resume: boo
     rng = np.random.default_rng([cfg.seed, c.length])
     windows = windows[rng.permutation(windows.shape[0])[:needed]]
     template = passkey.PasskeyTemplate(n_digits=cfg.data.n_digits)
-    tokens, _ = passkey.mix_passkey_windows(
+    mixed = passkey.mix_passkey_windows(
         windows, data.tokenizer, data.train_filler, c.passkey_fraction, cfg.seed + 1, template
     )
     loop = LoopConfig(
@@ -475,7 +500,7 @@ def _continual(cfg: RopeExtConfig, data: _Data, model, workdir: str, resume: boo
         cfg.optim, learning_rate=c.learning_rate, warmup_steps=c.warmup_steps
     )
     meta = {"config": config_lib.to_dict(cfg), "batch_size": c.batch_size, "phase": "continual"}
-    return _train(cfg, scaled.cfg, nnx.state(scaled), tokens, workdir, loop, optim, resume, meta)
+    return _train(cfg, scaled.cfg, nnx.state(scaled), mixed, workdir, loop, optim, resume, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +750,7 @@ def run(cfg: RopeExtConfig, workdir: str | None = None, resume: bool = False) ->
         summary["steps"] = cfg.train.steps
         summary["params"] = model.cfg.num_params()
         summary["passkey_train_windows"] = data.n_passkey_windows
-        summary["train_windows"] = int(data.train_windows.shape[0])
+        summary["train_windows"] = int(data.train_windows.tokens.shape[0])
 
         c = cfg.continual
         if c.enabled:

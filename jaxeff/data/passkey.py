@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -224,6 +224,14 @@ def passkey_train_windows(
     return build_passkey_set(tokenizer, filler, window_len, keys, depths, starts, template)
 
 
+class MixedWindows(NamedTuple):
+    """LM and passkey training windows in one array (see `mix_passkey_windows`)."""
+
+    tokens: np.ndarray  # int32 [N + M, L]
+    is_passkey: np.ndarray  # bool [N + M]
+    answer_mask: np.ndarray  # bool [N + M, L]: the answer tokens of the passkey windows
+
+
 def mix_passkey_windows(
     windows: np.ndarray,
     tokenizer: tokenizers.Tokenizer,
@@ -231,24 +239,27 @@ def mix_passkey_windows(
     fraction: float,
     seed: int,
     template: PasskeyTemplate = PasskeyTemplate(),
-) -> tuple[np.ndarray, np.ndarray]:
+) -> MixedWindows:
     """LM windows ``[N, L]`` plus passkey windows of the same length making up ``fraction`` of
     the result (``M = round(fraction * N / (1 - fraction))`` of them), in a seeded random order.
 
-    Returns:
-      ``(tokens [N + M, L] int32, is_passkey [N + M] bool)``.
+    The answer mask lets a loss weigh the answer tokens (e.g. through ``loss_mask``).
     """
     windows = np.asarray(windows)
     if windows.ndim != 2:
         raise ValueError(f"windows must be [N, L], got shape {windows.shape}")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction={fraction!r}; allowed: a number in [0, 1)")
-    n_pk = int(round(fraction * windows.shape[0] / (1.0 - fraction)))
-    pk = passkey_train_windows(tokenizer, filler, n_pk, windows.shape[1], seed, template)
-    tokens = np.concatenate([windows.astype(np.int32), pk.tokens.reshape(-1, windows.shape[1])])
-    is_passkey = np.concatenate([np.zeros(windows.shape[0], bool), np.ones(n_pk, bool)])
+    n, length = windows.shape
+    n_pk = int(round(fraction * n / (1.0 - fraction)))
+    pk = passkey_train_windows(tokenizer, filler, n_pk, length, seed, template)
+    tokens = np.concatenate([windows.astype(np.int32), pk.tokens.reshape(-1, length)])
+    is_passkey = np.concatenate([np.zeros(n, bool), np.ones(n_pk, bool)])
+    answer_mask = np.zeros(tokens.shape, bool)
+    if n_pk:
+        np.put_along_axis(answer_mask[n:], pk.answer_positions, True, axis=1)
     order = np.random.default_rng([seed, 0x313C]).permutation(tokens.shape[0])
-    return tokens[order], is_passkey[order]
+    return MixedWindows(tokens[order], is_passkey[order], answer_mask[order])
 
 
 def score_passkey(predicted: np.ndarray, answer_ids: np.ndarray) -> np.ndarray:

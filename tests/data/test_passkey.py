@@ -44,7 +44,9 @@ def test_depth_zero_and_one_put_the_key_at_the_ends(tok, filler):
     items = passkey.build_passkey_set(tok, filler, 100, ["12345"] * 2, [0.0, 1.0], [7, 7])
     np.testing.assert_array_equal(items.tokens[0, : len(key_ids)], key_ids)
     q = len(tok.encode(TEMPLATE.question).ids)
-    np.testing.assert_array_equal(items.tokens[1, 100 - 5 - q - len(key_ids) : 100 - 5 - q], key_ids)
+    np.testing.assert_array_equal(
+        items.tokens[1, 100 - 5 - q - len(key_ids) : 100 - 5 - q], key_ids
+    )
     # the same filler around the key, read from offset 7 of the stream
     n_filler = 100 - 5 - q - len(key_ids)
     np.testing.assert_array_equal(items.tokens[1, :n_filler], filler[7 : 7 + n_filler])
@@ -67,16 +69,18 @@ def test_filler_wraps_around_a_short_stream(tok):
 
 def test_mixing_adds_the_requested_fraction_of_passkey_windows(tok, filler):
     lm = np.random.default_rng(0).integers(2, 300, size=(80, 65)).astype(np.int32)
-    tokens, is_pk = passkey.mix_passkey_windows(lm, tok, filler, 0.2, seed=0)
-    assert tokens.shape == (100, 65) and is_pk.sum() == 20
+    tokens, is_pk, answer = passkey.mix_passkey_windows(lm, tok, filler, 0.2, seed=0)
+    assert tokens.shape == answer.shape == (100, 65) and is_pk.sum() == 20
+    # the answer mask marks the last 5 tokens (the digits) of the passkey windows only
+    assert not answer[~is_pk].any() and answer[is_pk][:, -5:].all() and answer.sum() == 100
     # every LM window is still there once, in a shuffled order
     assert sorted(map(bytes, tokens[~is_pk])) == sorted(map(bytes, lm))
     assert not np.array_equal(tokens[:80], lm)
     for row in tokens[is_pk]:
         assert "What is the pass key? The pass key is " in tok.decode(row.tolist())
-    again, _ = passkey.mix_passkey_windows(lm, tok, filler, 0.2, seed=0)
+    again = passkey.mix_passkey_windows(lm, tok, filler, 0.2, seed=0).tokens
     np.testing.assert_array_equal(tokens, again)
-    none, is_none = passkey.mix_passkey_windows(lm, tok, filler, 0.0, seed=0)
+    none, is_none, _ = passkey.mix_passkey_windows(lm, tok, filler, 0.0, seed=0)
     assert none.shape == lm.shape and not is_none.any()
 
 
