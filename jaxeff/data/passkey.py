@@ -13,6 +13,8 @@ every answer token is right, i.e. ``argmax logits[p - 1] == tokens[p]`` at each 
 ``p``. Everything is deterministic given the seed.
 
 References:
+  Olsson et al., In-context Learning and Induction Heads, 2022.
+  https://arxiv.org/abs/2209.11895
   Mohtashami & Jaggi, Landmark Attention: Random-Access Infinite Context Length for
   Transformers, 2023 (the passkey task). https://arxiv.org/abs/2305.16300
   Zhong et al., Understanding the RoPE Extensions of Long-Context LLMs: An Attention
@@ -260,6 +262,33 @@ def mix_passkey_windows(
         np.put_along_axis(answer_mask[n:], pk.answer_positions, True, axis=1)
     order = np.random.default_rng([seed, 0x313C]).permutation(tokens.shape[0])
     return MixedWindows(tokens[order], is_passkey[order], answer_mask[order])
+
+
+def repeat_segments(
+    windows: np.ndarray, fraction: float, seed: int, min_len: int = 12, max_len: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copy windows: a random ``fraction`` of ``windows [N, L]`` replaced by their first ``k``
+    tokens (``k`` uniform in ``[min_len, max_len]``) repeated to length ``L``.
+
+    Real text that repeats is the data on which induction (copy) heads form quickly (Olsson et
+    al., 2022); passkey retrieval is such a copy, so a small model trained for minutes needs
+    them to learn it. Returns ``(windows, is_repeat [N])``; the input is not modified.
+    """
+    windows = np.array(windows, np.int32)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [N, L], got shape {windows.shape}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r}; allowed: a number in [0, 1]")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"min_len={min_len}, max_len={max_len}; allowed: 1 <= min_len <= max_len")
+    n, length = windows.shape
+    rng = np.random.default_rng([seed, 0xC0B1])
+    chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    for i, k in zip(chosen, rng.integers(min_len, max_len + 1, size=chosen.size), strict=True):
+        windows[i] = np.resize(windows[i, :k], length)
+    is_repeat = np.zeros(n, bool)
+    is_repeat[chosen] = True
+    return windows, is_repeat
 
 
 def score_passkey(predicted: np.ndarray, answer_ids: np.ndarray) -> np.ndarray:

@@ -80,10 +80,14 @@ def _layer(block_graphdef, params, x, cos, sin, chunk: int):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     outs, entropies = [], []
     # Unrolled over query chunks, each against its causal key prefix only: half the work of
-    # full-width blocks, and static shapes (one program per sequence length).
+    # full-width blocks, and static shapes (one program per sequence length). The barrier
+    # orders the chunks, so that only one chunk's probabilities are alive at a time.
     for lo in range(0, s, chunk):
         hi = min(lo + chunk, s)
-        probs = attention_weights(q[:, lo:hi], k[:, :hi], causal_mask(hi - lo, hi, offset=lo))
+        q_c = q[:, lo:hi]
+        if outs:
+            _, q_c = jax.lax.optimization_barrier((outs[-1], q_c))
+        probs = attention_weights(q_c, k[:, :hi], causal_mask(hi - lo, hi, offset=lo))
         positive = probs > 0
         plogp = jnp.where(positive, probs * jnp.log(jnp.where(positive, probs, 1.0)), 0.0)
         entropies.append(-jnp.sum(plogp, axis=-1).mean(axis=1))  # [B, chunk], mean over heads

@@ -123,3 +123,15 @@ def test_accuracy_is_all_digits_right_under_teacher_forcing(tok, filler):
     np.testing.assert_array_equal(
         passkey.score_passkey(pred, items.answer_ids), [True, False, True, True, True, True]
     )
+
+
+def test_repeat_segments_copies_the_start_of_a_fraction_of_windows():
+    lm = np.random.default_rng(0).integers(2, 300, size=(50, 40)).astype(np.int32)
+    out, rep = passkey.repeat_segments(lm, 0.3, seed=0, min_len=5, max_len=9)
+    assert rep.sum() == 15 and np.array_equal(out[~rep], lm[~rep])
+    for row, orig in zip(out[rep], lm[rep], strict=True):
+        k = next(k for k in range(5, 10) if np.array_equal(row, np.resize(orig[:k], 40)))
+        assert np.array_equal(row[:k], orig[:k])
+    assert not np.array_equal(out, lm) and lm.sum() == np.asarray(lm).sum()
+    again, _ = passkey.repeat_segments(lm, 0.3, seed=0, min_len=5, max_len=9)
+    np.testing.assert_array_equal(out, again)
