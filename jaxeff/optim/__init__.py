@@ -1,0 +1,6 @@
+"""Optax gradient transformations from the papers: CAME, SAM/ASAM/GSAM, Helen.
+
+Each follows optax: ``scale_by_<name>()`` returns a ``GradientTransformation`` (or
+``GradientTransformationExtraArgs`` when it needs extra arguments to ``update``) with a
+NamedTuple state, and ``<name>(learning_rate, ...)`` chains it into a full optimizer.
+"""
