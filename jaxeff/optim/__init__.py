@@ -4,3 +4,5 @@ Each follows optax: ``scale_by_<name>()`` returns a ``GradientTransformation`` (
 ``GradientTransformationExtraArgs`` when it needs extra arguments to ``update``) with a
 NamedTuple state, and ``<name>(learning_rate, ...)`` chains it into a full optimizer.
 """
+
+from jaxeff.optim.sam import SAMState, asam, gsam, gsam_rho_schedule, sam
