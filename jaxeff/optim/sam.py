@@ -262,6 +262,11 @@ def gsam_rho_schedule(
     """
     if rho_min is None or rho_min == rho_max:
         return lambda count: jnp.asarray(rho_max, jnp.float32)
+    if learning_rate is None:
+        raise ValueError(
+            "gsam: learning_rate (the inner optimizer's schedule) is required when rho_min "
+            f"differs from rho_max (rho_min={rho_min}, rho_max={rho_max})"
+        )
     if lr_max is None:
         raise ValueError(
             "gsam: lr_max (the peak learning rate) is required when rho_min differs from "
@@ -443,11 +448,6 @@ def gsam(
       Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training, ICLR 2022.
     """
     if rho is None:
-        if rho_min is not None and rho_min != rho_max and learning_rate is None:
-            raise ValueError(
-                "gsam: learning_rate (the inner optimizer's schedule) is required when rho_min "
-                f"differs from rho_max (rho_min={rho_min}, rho_max={rho_max})"
-            )
         rho = gsam_rho_schedule(learning_rate, rho_max, rho_min, lr_max, lr_min)
     elif rho_min is not None or learning_rate is not None:
         raise ValueError("gsam: give either rho (a schedule) or rho_min/learning_rate, not both")
