@@ -5,5 +5,6 @@ Each follows optax: ``scale_by_<name>()`` returns a ``GradientTransformation`` (
 NamedTuple state, and ``<name>(learning_rate, ...)`` chains it into a full optimizer.
 """
 
+from jaxeff.optim.came import came, scale_by_came
 from jaxeff.optim.helen import HelenState, feature_counts, helen, param_path, scale_by_helen
 from jaxeff.optim.sam import SAMState, asam, gsam, gsam_rho_schedule, sam

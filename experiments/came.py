@@ -1,0 +1,418 @@
+"""CAME (Luo et al., ACL 2023) against AdamW and Adafactor: quality, state memory, step time.
+
+``came-lm``: trains the ``lm`` experiment's decoder on the same tokens in the same order with
+CAME, AdamW and Adafactor (``optax.adafactor``), each with the same warmup-cosine schedule,
+number of steps, global-norm gradient clipping and initial weights; only the peak learning rate
+differs, set per optimizer to its own scale: AdamW 3e-3 (the ``lm`` default), Adafactor 1e-2
+(relative to each parameter's RMS: optax's ``multiply_by_parameter_scale``), CAME 5e-4 (its
+update ``m / sqrt(R)`` starts ~10x larger than Adam's since the confidence statistic R grows
+from zero with decay 0.9999; the paper uses 1e-4 to 2e-4 on BERT and GPT-2).
+
+    jaxeff run came-lm --preset cpu     # ~8 min on 2 cores
+    jaxeff run came-lm --preset smoke   # seconds; what the tests run
+
+Expected (the paper's claim at this scale): CAME's validation loss close to AdamW's (within a
+few percent) and at or below Adafactor's, with optimizer state close to Adafactor's and about
+half of AdamW's. JSON: ``val_loss`` and ``state_bytes``, each keyed by ``came``, ``adamw``,
+``adafactor``; also ``init_val_loss``, ``val_ppl``, ``final_train_loss``, ``learning_rates``,
+``steps`` and ``params``. Each optimizer trains under ``<workdir>/<optimizer>/``
+(metrics, TensorBoard, checkpoints); ``<workdir>/metrics.jsonl`` merges them as
+``<optimizer>/<metric>`` and ``val_loss.png`` plots the three validation curves.
+
+``optim-bench``: for the parameter shapes of GPT-2 small (124M: wte 50257x768, wpe 1024x768,
+12 blocks of qkv 768x2304, proj 768x768, fc 768x3072, fc2 3072x768, biases and layernorm
+vectors), the median step time of jaxeff's `came` under ``jax.jit`` with params and state
+donated against ``came_pytorch.CAME.step`` (0.1.3) on CPU torch with as many threads as cores,
+timed alternately in one process on random gradients; and the state bytes of ``came``,
+``optax.adamw`` and ``optax.adafactor`` from ``jax.eval_shape`` of their ``init``.
+
+    jaxeff run optim-bench --preset cpu     # ~2 min on 2 cores
+
+Goals: ``state_ratio_vs_adamw`` <= 0.55 and ``step_ratio_vs_pytorch`` <= 0.2. JSON:
+``came_step_s``, ``came_pytorch_step_s``, ``step_ratio_vs_pytorch`` (jaxeff / pytorch),
+``state_ratio_vs_adamw`` (came / adamw), ``state_bytes`` per optimizer, ``adafactor_state_bytes``,
+``adamw_step_s`` (optax.adamw, jit, donated) and ``torch_threads``.
+
+Reference: Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023,
+https://arxiv.org/abs/2307.02047
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from jaxeff.experiment import Experiment
+from jaxeff.experiments import lm
+
+OPTIMIZERS = ("came", "adamw", "adafactor")
+
+
+@dataclasses.dataclass(frozen=True)
+class CameLMConfig:
+    """``lm``'s data, model and loop, with one peak learning rate per optimizer.
+
+    ``lm.optim`` supplies what all three share: warmup steps, weight decay (decoupled,
+    lr-scaled, for CAME and AdamW; optax.adafactor's own ``weight_decay_rate`` is left off, as
+    in its default) and the global gradient-norm clip. ``lm.optim.learning_rate`` is unused.
+    """
+
+    lm: lm.LMConfig = lm.LMConfig()
+    came_lr: float = 5e-4
+    adamw_lr: float = 3e-3
+    adafactor_lr: float = 1e-2
+    optimizers: tuple[str, ...] = OPTIMIZERS
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    dim: int = 768
+    n_layers: int = 12
+    warmup: int = 2
+    repeats: int = 7
+    learning_rate: float = 1e-4
+    torch_threads: int = 0  # 0: one per core (os.cpu_count())
+    include_adamw: bool = True
+    seed: int = 0
+
+
+def get_config(preset: str) -> CameLMConfig:
+    if preset == "smoke":
+        base = lm.get_config("smoke")
+        train = dataclasses.replace(base.train, steps=20, eval_every=10, checkpoint_every=20)
+        return CameLMConfig(lm=dataclasses.replace(base, train=train))
+    if preset == "cpu":
+        base = lm.LMConfig(
+            data=lm.DataConfig(vocab_size=2048, seq_len=128, max_bytes=1_500_000),
+            model=lm.ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384),
+            optim=lm.OptimConfig(warmup_steps=20, weight_decay=0.1),
+            train=lm.TrainConfig(
+                batch_size=16,
+                steps=300,
+                log_every=10,
+                eval_every=50,
+                eval_batches=16,
+                checkpoint_every=300,
+                keep_checkpoints=1,
+                progress=False,
+            ),
+        )
+        return CameLMConfig(lm=base)
+    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
+
+
+def get_bench_config(preset: str) -> BenchConfig:
+    if preset == "smoke":
+        return BenchConfig(
+            vocab_size=50,
+            n_positions=16,
+            dim=8,
+            n_layers=1,
+            warmup=1,
+            repeats=2,
+            torch_threads=1,
+            include_adamw=False,
+        )
+    if preset == "cpu":
+        return BenchConfig()
+    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
+
+
+def peak_learning_rate(cfg: CameLMConfig, name: str) -> float:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizers: unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return getattr(cfg, f"{name}_lr")
+
+
+def make_optimizer(cfg: CameLMConfig, name: str):
+    """The optimizer ``name`` with the run's shared schedule shape, clip and decay."""
+    import optax
+
+    from jaxeff.optim import came
+
+    o, steps = cfg.lm.optim, cfg.lm.train.steps
+    peak = peak_learning_rate(cfg, name)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        peak,
+        max(o.warmup_steps, 1),
+        max(steps, o.warmup_steps + 1),
+        end_value=peak * 0.1,
+    )
+    if name == "came":
+        inner = came(schedule, weight_decay=o.weight_decay)
+    elif name == "adamw":
+        inner = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    else:
+        inner = optax.adafactor(schedule)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), inner)
+
+
+def state_bytes(tx, params) -> int:
+    """Bytes of ``tx.init(params)``, from shapes only (nothing is allocated)."""
+    import jax
+
+    shapes = jax.eval_shape(tx.init, params)
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+
+def plot_val_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        ax.plot(*zip(*pts, strict=True), "o-", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.set_title("came-lm: same model, tokens and schedule shape")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: CameLMConfig, workdir: str | None = None, resume: bool = False) -> dict:
+    import math
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxeff import config as config_lib
+    from jaxeff.data.packing import make_loader
+    from jaxeff.train.loop import LoopConfig, evaluate, fit, make_train_step
+    from jaxeff.train.losses import causal_lm_loss
+    from jaxeff.train.metrics import MetricsWriter
+    from jaxeff.train.state import create_train_state
+
+    for name in cfg.optimizers:
+        peak_learning_rate(cfg, name)
+    if not cfg.optimizers:
+        raise ValueError(f"optimizers: give at least one of {', '.join(OPTIMIZERS)}")
+    workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-came-lm-")
+    os.makedirs(workdir, exist_ok=True)
+    # lm's build gives the data, the model and its initial weights; its AdamW state is unused
+    data, mcfg, graphdef, init_state, _, eval_step = lm.build(cfg.lm)
+    init_params = init_state.params
+    del init_state
+    t = cfg.lm.train
+    if t.batch_size > len(data.train):
+        raise ValueError(
+            f"lm.train.batch_size={t.batch_size} exceeds the {len(data.train)} training windows; "
+            "lower it or raise lm.data.max_bytes"
+        )
+
+    def eval_fn(params):
+        return evaluate(eval_step, params, lm.val_batches(data, t.batch_size, t.eval_batches))
+
+    loop = LoopConfig(
+        steps=t.steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints,
+        progress=t.progress,
+    )
+    init_val = eval_fn(init_params)
+    results, records_by_opt = {}, {}
+    for name in cfg.optimizers:
+        tx = make_optimizer(cfg, name)
+        # the train step donates its state: each optimizer starts from its own copy
+        params = jax.tree.map(jnp.copy, init_params)
+        state = create_train_state(params, tx, cfg.lm.seed)
+        step = make_train_step(graphdef, tx, causal_lm_loss)
+        loader = make_loader(data.train, t.batch_size, seed=cfg.lm.seed)
+        meta = {"config": config_lib.to_dict(cfg), "optimizer": name}
+        _, records = fit(
+            state,
+            step,
+            loader,
+            os.path.join(workdir, name),
+            loop,
+            eval_fn=eval_fn,
+            resume=resume,
+            meta=meta,
+        )
+        records_by_opt[name] = records
+        val = [r for r in records if r["split"] == "val"][-1]
+        train = [r for r in records if r["split"] == "train"][-1]
+        results[name] = {
+            "val_loss": val["loss"],
+            "val_ppl": val["ppl"],
+            "final_train_loss": train["loss"],
+            "state_bytes": state_bytes(tx, init_params),
+        }
+
+    # one merged metrics.jsonl: a record per (step, split) with <optimizer>/<metric> keys
+    merged: dict[tuple[int, str], dict] = {(0, "val"): {}}
+    for name in cfg.optimizers:
+        merged[(0, "val")].update({f"{name}/{k}": v for k, v in init_val.items()})
+        for r in records_by_opt[name]:
+            row = merged.setdefault((r["step"], r["split"]), {})
+            row.update({f"{name}/{k}": v for k, v in r.items() if k not in ("step", "split")})
+    writer = MetricsWriter(workdir)
+    try:
+        for (step_, split), values in sorted(merged.items()):
+            writer.write(step_, split, values)
+    finally:
+        writer.close()
+    curves = {
+        name: [(0, init_val["loss"])]
+        + [(r["step"], r["loss"]) for r in records_by_opt[name] if r["split"] == "val"]
+        for name in cfg.optimizers
+    }
+    plot_val_curves(curves, os.path.join(workdir, "val_loss.png"))
+
+    def per_opt(key):
+        return {name: results[name][key] for name in cfg.optimizers}
+
+    return {
+        "val_loss": per_opt("val_loss"),
+        "state_bytes": per_opt("state_bytes"),
+        "init_val_loss": init_val["loss"],
+        "val_ppl": per_opt("val_ppl"),
+        "final_train_loss": per_opt("final_train_loss"),
+        "learning_rates": {name: peak_learning_rate(cfg, name) for name in cfg.optimizers},
+        "steps": t.steps,
+        "params": mcfg.num_params(),
+        "uniform_loss": math.log(data.vocab_size),
+    }
+
+
+def gpt2_shapes(cfg: BenchConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style model (Radford et al., 2019), by name."""
+    d = cfg.dim
+    shapes = {"wte": (cfg.vocab_size, d), "wpe": (cfg.n_positions, d)}
+    for i in range(cfg.n_layers):
+        block = {
+            "ln_1.g": (d,),
+            "ln_1.b": (d,),
+            "attn.qkv.w": (d, 3 * d),
+            "attn.qkv.b": (3 * d,),
+            "attn.proj.w": (d, d),
+            "attn.proj.b": (d,),
+            "ln_2.g": (d,),
+            "ln_2.b": (d,),
+            "mlp.fc.w": (d, 4 * d),
+            "mlp.fc.b": (4 * d,),
+            "mlp.fc2.w": (4 * d, d),
+            "mlp.fc2.b": (d,),
+        }
+        shapes.update({f"h{i}.{k}": v for k, v in block.items()})
+    shapes.update({"ln_f.g": (d,), "ln_f.b": (d,)})
+    return shapes
+
+
+def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+    from came_pytorch import CAME
+
+    from jaxeff.optim import came
+
+    del resume
+    shapes = gpt2_shapes(cfg)
+    n_params = int(sum(np.prod(s) for s in shapes.values()))
+    abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    txs = {
+        "came": came(cfg.learning_rate),
+        "adamw": optax.adamw(cfg.learning_rate),
+        "adafactor": optax.adafactor(cfg.learning_rate),
+    }
+    sizes = {name: state_bytes(tx, abstract) for name, tx in txs.items()}
+
+    threads = cfg.torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+
+    rng = np.random.default_rng(cfg.seed)
+    host_params = {k: 0.02 * rng.standard_normal(s, np.float32) for k, s in shapes.items()}
+    host_grads = {k: 1e-3 * rng.standard_normal(s, np.float32) for k, s in shapes.items()}
+    grads = jax.tree.map(jnp.array, host_grads)
+
+    def make_step(tx):
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    def jax_timer(tx):
+        params = jax.tree.map(jnp.array, host_params)  # a copy per optimizer: it is donated
+        state = tx.init(params)
+        step = make_step(tx)
+        carry = [params, state]
+
+        def once():
+            start = time.perf_counter()
+            carry[0], carry[1] = step(carry[0], carry[1], grads)
+            jax.block_until_ready(carry)
+            return time.perf_counter() - start
+
+        return once, carry
+
+    tparams = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in host_params.values()]
+    for p, g in zip(tparams, host_grads.values(), strict=True):
+        p.grad = torch.from_numpy(g)
+    topt = CAME(tparams, lr=cfg.learning_rate)
+
+    def torch_once():
+        start = time.perf_counter()
+        with torch.no_grad():
+            topt.step()
+        return time.perf_counter() - start
+
+    timers = {"came": jax_timer(txs["came"])[0], "came_pytorch": torch_once}
+    if cfg.include_adamw:
+        timers["adamw"] = jax_timer(txs["adamw"])[0]
+    times: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(cfg.warmup):
+        for fn in timers.values():
+            fn()
+    for _ in range(cfg.repeats):  # alternate, so that drifts in machine speed hit all alike
+        for name, fn in timers.items():
+            times[name].append(fn())
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    out = {
+        "came_step_s": med["came"],
+        "came_pytorch_step_s": med["came_pytorch"],
+        "step_ratio_vs_pytorch": med["came"] / med["came_pytorch"],
+        "state_ratio_vs_adamw": sizes["came"] / sizes["adamw"],
+        "adafactor_state_bytes": sizes["adafactor"],
+        "state_bytes": sizes,
+        "adafactor_state_ratio_vs_adamw": sizes["adafactor"] / sizes["adamw"],
+        "params": n_params,
+        "torch_threads": threads,
+        "repeats": cfg.repeats,
+        "step_times_s": times,
+    }
+    if "adamw" in med:
+        out["adamw_step_s"] = med["adamw"]
+    if workdir:
+        import json
+
+        with open(os.path.join(workdir, "step_times.json"), "w") as f:
+            json.dump(times, f)
+    return out
+
+
+EXPERIMENTS = {
+    "came-lm": Experiment(get_config, run, presets=("smoke", "cpu"), doc=__doc__),
+    "optim-bench": Experiment(
+        get_bench_config,
+        run_bench,
+        presets=("smoke", "cpu"),
+        doc="Step time of jaxeff CAME (jit) vs came-pytorch and state bytes vs AdamW/Adafactor "
+        "on GPT-2-small shapes. " + __doc__.split("``optim-bench``:", 1)[1],
+    ),
+}
