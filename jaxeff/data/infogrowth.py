@@ -26,6 +26,7 @@ Selection" (ECCV 2024), https://arxiv.org/abs/2405.14331.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -214,8 +215,6 @@ def train_pair_encoder(
     Returns ``(encode_a, encode_b)``: numpy functions to L2-normalized ``[n, dim]`` embeddings.
     """
     import jax
-    import jax.numpy as jnp
-    import optax
 
     a = _as_2d("x_a", x_a)
     b = _as_2d("x_b", x_b)
@@ -223,32 +222,67 @@ def train_pair_encoder(
         raise ValueError(f"x_a and x_b must hold the same pairs, got {a.shape[0]} and {b.shape[0]}")
     mu_a, sd_a = a.mean(0), a.std(0) + 1e-6
     mu_b, sd_b = b.mean(0), b.std(0) + 1e-6
+    rng = np.random.default_rng(seed)
 
-    def init_tower(key, n_in):
+    def init_tower(n_in):
         if hidden <= 0:
-            return {"w2": jax.random.normal(key, (n_in, dim)) / np.sqrt(n_in)}
-        k1, k2 = jax.random.split(key)
+            return {"w2": (rng.standard_normal((n_in, dim)) / np.sqrt(n_in)).astype(np.float32)}
         return {
-            "w1": jax.random.normal(k1, (n_in, hidden)) * np.sqrt(2.0 / n_in),
-            "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(k2, (hidden, dim)) / np.sqrt(hidden),
+            "w1": (rng.standard_normal((n_in, hidden)) * np.sqrt(2.0 / n_in)).astype(np.float32),
+            "b1": np.zeros(hidden, np.float32),
+            "w2": (rng.standard_normal((hidden, dim)) / np.sqrt(hidden)).astype(np.float32),
         }
 
-    def tower(p, x):
-        h = jax.nn.relu(x @ p["w1"] + p["b1"]) if "w1" in p else x
-        z = h @ p["w2"]
-        return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-    ka, kb = jax.random.split(jax.random.PRNGKey(seed))
-    params = {"a": init_tower(ka, a.shape[1]), "b": init_tower(kb, b.shape[1])}
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    params = {"a": init_tower(a.shape[1]), "b": init_tower(b.shape[1])}
+    step, tx = _encoder_step(float(temperature), float(learning_rate), float(weight_decay))
     opt = tx.init(params)
-
     _, b_ids = np.unique(b, axis=0, return_inverse=True)
-    b_ids = b_ids.reshape(-1)
+    b_ids = b_ids.reshape(-1).astype(np.int32)
+    an = (a - mu_a) / sd_a
+    bn = (b - mu_b) / sd_b
+    bs = min(batch_size, a.shape[0])
+    for _ in range(steps):
+        idx = rng.choice(a.shape[0], bs, replace=False)
+        params, opt, _ = step(params, opt, an[idx], bn[idx], b_ids[idx])
+    params = jax.device_get(params)
+    embed = _embed_fn()
+
+    def encode_a(x):
+        return np.asarray(embed(params["a"], (_as_2d("x", x) - mu_a) / sd_a))
+
+    def encode_b(x):
+        return np.asarray(embed(params["b"], (_as_2d("x", x) - mu_b) / sd_b))
+
+    return encode_a, encode_b
+
+
+def _tower(p, x):
+    import jax
+    import jax.numpy as jnp
+
+    h = jax.nn.relu(x @ p["w1"] + p["b1"]) if "w1" in p else x
+    z = h @ p["w2"]
+    return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.cache
+def _embed_fn():
+    import jax
+
+    return jax.jit(_tower)
+
+
+@functools.cache
+def _encoder_step(temperature: float, learning_rate: float, weight_decay: float):
+    """The jitted InfoNCE step, built once per hyperparameters (compiled once per shape)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
 
     def loss_fn(p, xa, xb, ids):
-        logits = tower(p["a"], xa) @ tower(p["b"], xb).T / temperature
+        logits = _tower(p["a"], xa) @ _tower(p["b"], xb).T / temperature
         labels = jnp.arange(xa.shape[0])
         same_text = (ids[:, None] == ids[None, :]) & (labels[:, None] != labels[None, :])
         logits = jnp.where(same_text, -1e9, logits)
@@ -261,20 +295,4 @@ def train_pair_encoder(
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
-    an = (a - mu_a) / sd_a
-    bn = (b - mu_b) / sd_b
-    rng = np.random.default_rng(seed)
-    bs = min(batch_size, a.shape[0])
-    for _ in range(steps):
-        idx = rng.choice(a.shape[0], bs, replace=False)
-        params, opt, _ = step(params, opt, an[idx], bn[idx], b_ids[idx])
-    params = jax.device_get(params)
-    embed = jax.jit(tower)
-
-    def encode_a(x):
-        return np.asarray(embed(params["a"], (_as_2d("x", x) - mu_a) / sd_a))
-
-    def encode_b(x):
-        return np.asarray(embed(params["b"], (_as_2d("x", x) - mu_b) / sd_b))
-
-    return encode_a, encode_b
+    return step, tx
