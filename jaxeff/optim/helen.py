@@ -18,6 +18,19 @@ all take an Adam step (coupled L2, bias corrected) from ``w``.
 
 Embedding tables are named by their EXACT parameter paths (see `param_path`): ``"tables/C1"``
 never matches ``"tables/C10"`` or ``"linear/C1"``.
+
+Differences from the reference implementation (NUS-HPC-AI-Lab/Helen, ``optim/Helen.py``):
+
+* Its ``first_step`` overwrites the global gradient norm with each table's norm inside the loop,
+  so with ``net_pert`` the dense parameters are scaled by the LAST table's norm. Here the dense
+  perturbation uses the global norm of the dense gradients.
+* It maps fields to parameters with ``feature in name`` (substring), so field ``C1`` also grabs
+  the tables of ``C10``..``C19``; here table paths are exact.
+* It takes separate learning rates for embeddings and dense parameters (both 1e-3 in its
+  configs) and ``net_pert=True`` by default (its experiment configs set False); here one
+  learning rate (use ``optax.multi_transform`` for two) and ``net_pert=False`` by default.
+* First-order ("wide", ``dim = 1``) embeddings are dense parameters there (``shape[-1] > 1``
+  selects tables); here whatever ``tables`` names is a table.
 """
 
 from __future__ import annotations
