@@ -11,7 +11,7 @@ the Hessian of the loss restricted to the embedding rows of the frequent bucket 
 10% most frequent ids of the training split) and of the infrequent bucket (the rest) is found by
 power iteration with Hessian-vector products (``jax.jvp`` of ``jax.grad``).
 
-    jaxeff run helen-ctr --preset cpu     # ~9 min on 2 busy cores (24 runs of 3 epochs)
+    jaxeff run helen-ctr --preset cpu     # 8 min on 2 busy cores, 5 min of CPU (24 runs)
     jaxeff run helen-ctr --preset smoke   # one model, one seed, one epoch; what the tests run
 
 Expected (the paper's claim, a goal rather than a test): Helen's mean test AUC >= Adam's, and
