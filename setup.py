@@ -1,5 +1,5 @@
 """Package layout: top-level `kernels/` and `experiments/` install as `jaxeff.kernels` and
-`jaxeff.experiments` (the bare name `kernels` is taken on PyPI). Metadata lives in pyproject.toml."""
+`jaxeff.experiments` (the bare name `kernels` is taken on PyPI). Metadata: pyproject.toml."""
 
 from setuptools import find_packages, setup
 
