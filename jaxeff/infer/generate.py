@@ -81,10 +81,9 @@ class Generator:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         self.graphdef, self.state = nnx.split(model)
         self.layers = model.unstack_layers() if hasattr(model, "unstack_layers") else None
-        self.head = model.decode_head() if hasattr(model, "decode_head") else None
         # Flattened once: flattening the nnx State (hundreds of Variables) on every call costs
         # ~10 ms of Python per decode step; a list of arrays is flattened in C++.
-        self._weights, self._weights_def = jax.tree.flatten((self.state, self.layers, self.head))
+        self._weights, self._weights_def = jax.tree.flatten((self.state, self.layers))
         self.bucket = bucket
         self.max_len = max_len or getattr(model.cfg, "max_seq_len", None)
         self._init_cache = model.init_cache
@@ -92,12 +91,9 @@ class Generator:
         self._decode = jax.jit(self._step, donate_argnums=(1,), static_argnames=("mode",))
 
     def _step(self, weights, cache, tokens, positions, offset, key, temperature, top_p, mode):
-        state, layers, head = jax.tree.unflatten(self._weights_def, weights)
+        state, layers = jax.tree.unflatten(self._weights_def, weights)
         model = nnx.merge(self.graphdef, state)
-        if head is None:
-            logits, cache = model.forward_cached(tokens, positions, cache, offset, layers)
-        else:
-            logits, cache = model.forward_cached(tokens, positions, cache, offset, layers, head)
+        logits, cache = model.forward_cached(tokens, positions, cache, offset, layers)
         return sample_logits(logits[:, -1], key, temperature, top_p, mode), cache
 
     def generate(
