@@ -64,12 +64,32 @@ def _auto(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
+def _explicit_context() -> bool:
+    """True inside ``jax.set_mesh`` of a mesh with Explicit axes: shard_map must then use that
+    mesh, and its inputs must already carry the shardings it expects."""
+    ctx = jax.sharding.get_abstract_mesh()
+    return not ctx.empty and jax.sharding.AxisType.Explicit in tuple(ctx.axis_types)
+
+
 def _shard_map(local, mesh, params, x, cond, axis):
     spec = jax.P(None, axis)
     in_specs = (jax.tree.map(lambda _: jax.P(), params), spec, None if cond is None else jax.P())
-    return jax.shard_map(local, mesh=_auto(mesh), in_specs=in_specs, out_specs=spec)(
-        params, x, cond
-    )
+    if _explicit_context():
+        params, x, cond = jax.tree.map(jax.reshard, (params, x, cond), in_specs)
+    else:
+        mesh = _auto(mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec)(params, x, cond)
+
+
+def _reshape(x, shape, axis):
+    # [B, T, S, C] <-> [B, T*S, C], both sharded on dimension 1
+    if _explicit_context():
+        n = jax.sharding.get_abstract_mesh().shape[axis]
+        _check_divides(
+            "T (frames, x.shape[1]) inside an Explicit jax.set_mesh", x.shape[1], n, axis
+        )
+        return jnp.reshape(jax.reshard(x, jax.P(None, axis)), shape, out_sharding=jax.P(None, axis))
+    return x.reshape(shape)
 
 
 def _check_divides(name: str, size: int, n: int, axis: str) -> None:
@@ -153,7 +173,8 @@ def ulysses_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
             temporal=functools.partial(attn, attend_axis=1),
         )
 
-    return _shard_map(local, mesh, params, x.reshape(b, t * s, c), cond, axis).reshape(b, t, s, c)
+    y = _shard_map(local, mesh, params, _reshape(x, (b, t * s, c), axis), cond, axis)
+    return _reshape(y, (b, t, s, c), axis)
 
 
 # ----------------------------------------------------------------------------- ring
@@ -244,7 +265,8 @@ def ring_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
             temporal=functools.partial(stage, by="patch"),
         )
 
-    return _shard_map(local, mesh, params, x.reshape(b, t * s, c), cond, axis).reshape(b, t, s, c)
+    y = _shard_map(local, mesh, params, _reshape(x, (b, t * s, c), axis), cond, axis)
+    return _reshape(y, (b, t, s, c), axis)
 
 
 def sequence_parallel_block(

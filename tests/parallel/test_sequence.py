@@ -16,9 +16,11 @@ SCRIPT = textwrap.dedent(
     """
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import functools
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from jaxeff.nn.video import STBlock, block_forward, block_params
+    from jaxeff.nn.video import STBlock, VideoDenoiser, VideoDenoiserConfig
+    from jaxeff.nn.video import block_forward, block_params
     from jaxeff.parallel import sequence as sq
 
     B, T, S, C, H, DC = 2, 8, 8, 16, 8, 4
@@ -57,8 +59,30 @@ SCRIPT = textwrap.dedent(
         print("OK", method, f"{worst:.2e}")
     # without conditioning, and the DSP output stays sharded over frames
     out = jax.jit(lambda p, x: sq.dsp_block(p, x, mesh=mesh, heads=H))(params, x)
-    np.testing.assert_allclose(out, block_forward(params, x, heads=H), rtol=1e-5, atol=1e-5)
+    ref_plain = block_forward(params, x, heads=H)
+    np.testing.assert_allclose(out, ref_plain, rtol=1e-5, atol=1e-5)
     print("DSP_SPEC", tuple(out.sharding.spec))
+    # inside jax.set_mesh of an Explicit mesh (jax.make_mesh's default axis type)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda p, x: sq.ulysses_block(p, x, mesh=mesh, heads=H))(params, x)
+    np.testing.assert_allclose(out, ref_plain, rtol=1e-5, atol=1e-5)
+    # the denoiser with DSP blocks plugged in
+    cfg = VideoDenoiserConfig(frames=8, height=8, width=16, patch=4, dim=C, heads=H, depth=1)
+    graphdef, state = nnx.split(VideoDenoiser(cfg, rngs=nnx.Rngs(1)))
+    # random offsets on every parameter: the zero-init head and adaLN would hide the blocks
+    leaves, treedef = jax.tree.flatten(state)
+    offsets = [0.1 * jax.random.normal(k, a.shape) for k, a in
+               zip(jax.random.split(keys[2], len(leaves)), leaves)]
+    state = jax.tree.unflatten(treedef, [a + o for a, o in zip(leaves, offsets)])
+    clips = jax.random.normal(keys[0], (B, 8, 8, 16, 3))
+    t = jnp.array([10.0, 700.0])
+    dsp = functools.partial(sq.dsp_block, mesh=mesh, heads=H)
+    apply = jax.jit(lambda s, block_fn: nnx.merge(graphdef, s)(clips, t, block_fn=block_fn),
+                    static_argnums=1)
+    want = apply(state, None)
+    assert float(jnp.max(jnp.abs(want))) > 0.1
+    np.testing.assert_allclose(apply(state, dsp), want, rtol=1e-5, atol=1e-5)
+    print("DENOISER_DSP_OK")
     """
 )
 
@@ -71,6 +95,7 @@ def test_methods_match_one_device_forward_and_gradients_on_8_devices():
     for method in sq.METHODS:
         assert f"OK {method}" in out.stdout, out.stdout
     assert "DSP_SPEC (None, 'seq')" in out.stdout
+    assert "DENOISER_DSP_OK" in out.stdout
 
 
 MESH = jax.sharding.AbstractMesh((8,), ("seq",))
