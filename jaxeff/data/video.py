@@ -16,14 +16,16 @@ truth is known exactly:
   scene the progress ``p = t / (L - 1)`` runs from 0 to 1 and
 
   - ``pan right`` / ``pan left``: ``c_x += +/- pan * V_0 * p`` (content slides left / right),
-  - ``tilt down`` / ``tilt up``:  ``c_y += +/- pan * V_0 * p`` (content slides up / down),
+  - ``tilt down`` / ``tilt up``:  ``c_y += +/- pan * (H / W) * V_0 * p`` (content slides up /
+    down),
   - ``zoom in`` / ``zoom out``:   ``V = V_0 * zoom ** (-/+ p)`` (content grows / shrinks),
   - ``static``: nothing moves but the sprites.
 
   Sprites move in the world: ``moves to the right`` adds ``speed * V_0 * p`` to ``u`` (and so on
-  for left, up, down), ``stays still`` adds nothing.
+  for left; up and down move ``v`` by ``speed * (H / W) * V_0 * p``), ``stays still`` adds
+  nothing. "pan left" therefore slides the background to the right in the frame.
 * Shot type sets the sprites' side as a fraction of the frame width at the first frame of the
-  scene: close-up 0.5 (one sprite), medium shot 0.36 (up to two), wide shot 0.24 (up to three).
+  scene: close-up 0.42 (one sprite), medium shot 0.36 (up to two), wide shot 0.24 (up to three).
   Placements are drawn by rejection so that every sprite stays fully inside the frame and no two
   sprites overlap on any frame of the scene.
 * A clip is one or more scenes; a cut starts a new scene with new sprites, background and camera.
@@ -86,7 +88,7 @@ CAMERA_MOVEMENTS = (
 SHOT_TYPES = ("close-up", "medium shot", "wide shot")
 BACKGROUNDS = ("stripes", "checks", "waves")
 # Sprite side as a fraction of the frame width on the scene's first frame, and the most sprites.
-SHOT_SIZE = {"close-up": 0.5, "medium shot": 0.36, "wide shot": 0.24}
+SHOT_SIZE = {"close-up": 0.42, "medium shot": 0.36, "wide shot": 0.24}
 SHOT_MAX_SPRITES = {"close-up": 1, "medium shot": 2, "wide shot": 3}
 # Unit world displacement per scene of each sprite motion and camera translation (x, y down).
 _DIRECTION = {"static": (0.0, 0.0), "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0)}
@@ -176,8 +178,8 @@ class VideoConfig:
                 raise ValueError(
                     f"VideoConfig.{name} must be in [0, 0.45], got {getattr(self, name)}"
                 )
-        if not 1.0 <= self.zoom <= 1.8:
-            raise ValueError(f"VideoConfig.zoom must be in [1, 1.8], got {self.zoom}")
+        if not 1.0 <= self.zoom <= 1.6:
+            raise ValueError(f"VideoConfig.zoom must be in [1, 1.6], got {self.zoom}")
         if not self.fps > 0:
             raise ValueError(f"VideoConfig.fps must be > 0, got {self.fps}")
 
@@ -186,8 +188,9 @@ class VideoConfig:
 class Sprite:
     """One digit sprite of a scene.
 
-    ``x``, ``y``: centre in frame units (0..1, ``y`` down) at the scene's first frame; ``size``:
-    side in frame widths at the first frame; ``sample``: which image of that digit in the data.
+    ``x``, ``y``: centre at the scene's first frame in frame-width units (``x`` in 0..1 left to
+    right; ``y`` down, in 0..1 for square frames, ``0.5 +/- H / (2 W)`` otherwise); ``size``: side
+    in frame widths at the first frame; ``sample``: which image of that digit in the data.
     """
 
     digit: int
@@ -237,6 +240,11 @@ class ClipMeta:
     def captions(self) -> list[str]:
         """The ``content`` sentence of each scene, in order."""
         return [caption_content(s) for s in self.scenes]
+
+    @property
+    def frame_ranges(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` frames of each scene; a cut sits at every ``start`` but the first."""
+        return [(s.start, s.stop) for s in self.scenes]
 
     def scene_of_frame(self) -> np.ndarray:
         """int32 ``[T]``: the scene index of every frame."""
@@ -314,7 +322,8 @@ def _camera(scene: SceneMeta, p: float, config: VideoConfig) -> tuple[float, flo
     cx, cy, view = 0.5, 0.5, 1.0
     if move in _CAMERA_DIRECTION:
         dx, dy = _DIRECTION[_CAMERA_DIRECTION[move]]
-        cx, cy = cx + dx * config.pan * p, cy + dy * config.pan * p
+        aspect = config.height / config.width  # tilts travel the same share of the frame height
+        cx, cy = cx + dx * config.pan * p, cy + dy * aspect * config.pan * p
     elif move == "zoom in":
         view = config.zoom ** (-p)
     elif move == "zoom out":
@@ -327,7 +336,7 @@ def _sprite_box(s: Sprite, scene: SceneMeta, p: float, config: VideoConfig):
     cx, cy, view = _camera(scene, p, config)
     dx, dy = _DIRECTION[s.motion]
     u = s.x + dx * config.speed * p
-    v = s.y + dy * config.speed * p
+    v = s.y + dy * (config.height / config.width) * config.speed * p
     return (u - cx) / view + 0.5, (v - cy) / view + 0.5, s.size / view
 
 
@@ -370,14 +379,17 @@ def render_clip(clip: ClipMeta) -> np.ndarray:
 
 def _fits(sprite: Sprite, placed: list[Sprite], scene: SceneMeta, config: VideoConfig) -> bool:
     y_half = config.height / config.width / 2  # frame y spans 0.5 +/- y_half (width units)
-    for p in np.linspace(0.0, 1.0, 5):
+    # Bilinear sampling spreads a stroke half a digit pixel (side / 16) past the box, and a
+    # pixel is lit when its centre is covered: keep one pixel plus a margin clear.
+    pad = 1.0 / config.width + _MARGIN
+    for p in np.linspace(0.0, 1.0, 9):
         x, y, side = _sprite_box(sprite, scene, p, config)
-        half = side / 2 + _MARGIN
+        half = side * (0.5 + 1 / 16) + pad
         if x - half < 0 or x + half > 1 or abs(y - 0.5) + half > y_half:
             return False
         for other in placed:
             ox, oy, oside = _sprite_box(other, scene, p, config)
-            gap = (side + oside) / 2 + _MARGIN
+            gap = (side + oside) * (0.5 + 1 / 16) + _MARGIN
             if abs(x - ox) < gap and abs(y - oy) < gap:
                 return False
     return True
@@ -403,19 +415,23 @@ def sample_scene(rng: np.random.Generator, config: VideoConfig, start: int, stop
     count = int(rng.integers(1, min(SHOT_MAX_SPRITES[shot], len(config.colors)) + 1))
     digits = rng.permutation(10)[:count]
     colors = [config.colors[i] for i in rng.permutation(len(config.colors))[:count]]
-    size = SHOT_SIZE[shot] * float(rng.uniform(0.9, 1.1))
+    # Shot sizes are fractions of the shorter side, so wide-but-short frames still fit sprites.
+    size = SHOT_SIZE[shot] * float(rng.uniform(0.9, 1.1)) * min(1.0, config.height / config.width)
     placed: list[Sprite] = []
+    y_half = config.height / config.width / 2
     for digit, color in zip(digits, colors, strict=True):
         sprite = None
         for attempt in range(400):
-            # After many misses fall back to a still sprite, which fits wherever the camera does.
-            motions = config.motions if attempt < 200 else ("static",)
+            # After many misses fall back to a still sprite (if allowed), which fits wherever
+            # the camera does.
+            still = attempt >= 200 and "static" in config.motions
+            motions = ("static",) if still else config.motions
             candidate = Sprite(
                 digit=int(digit),
                 color=color,
                 motion=motions[rng.integers(len(motions))],
                 x=float(rng.uniform(0, 1)),
-                y=float(rng.uniform(0, 1)),
+                y=float(rng.uniform(0.5 - y_half, 0.5 + y_half)),
                 size=size,
                 sample=int(rng.integers(1 << 16)),
             )
@@ -424,10 +440,24 @@ def sample_scene(rng: np.random.Generator, config: VideoConfig, start: int, stop
                 break
         if sprite is not None:
             placed.append(sprite)
-    if not placed:  # a centred still sprite always fits: size * zoom < 1 by the config bounds
-        placed.append(
-            Sprite(int(digits[0]), colors[0], "static", 0.5, 0.5, size, int(rng.integers(1 << 16)))
+    if not placed:
+        # Nothing fitted at the shot's size (a close-up under a pan with an allowed motion that
+        # fights it, or a tiny frame): shrink a sprite, started where its motion leaves most room,
+        # until it fits; the shot type then overstates its size.
+        motion = config.motions[rng.integers(len(config.motions))]
+        dx, dy = _DIRECTION[motion]
+        sprite = Sprite(
+            int(digits[0]),
+            colors[0],
+            motion,
+            0.5 - dx * config.speed / 2,
+            0.5 - dy * y_half * config.speed,
+            size,
+            int(rng.integers(1 << 16)),
         )
+        while not _fits(sprite, [], scene, config) and sprite.size > 0.05:
+            sprite = dataclasses.replace(sprite, size=sprite.size * 0.9)
+        placed.append(sprite)
     return dataclasses.replace(scene, sprites=tuple(placed))
 
 
@@ -551,6 +581,7 @@ def render_frame(
         >>> render_frame(7, "red", size=0.6, height=16, width=16).shape
         (16, 16, 3)
     """
+    digit_image(digit)  # validates the digit
     if color not in COLORS:
         raise ValueError(f"color must be one of {list(COLORS)}, got {color!r}")
     if background not in BACKGROUNDS:
@@ -567,8 +598,75 @@ def render_frame(
         background_phase=tuple(float(a) for a in background_phase),
         sprites=(Sprite(int(digit), color, "static", *map(float, position), float(size), sample),),
     )
-    digit_image(digit)  # validates the digit
     return _render(scene, 0.0, VideoConfig(height=height, width=width), height, width)
+
+
+def image_caption(attributes: dict[str, Any]) -> str:
+    """Caption of a :func:`make_images` image, e.g. "a red seven on a striped background"."""
+    word = DIGIT_WORDS[attributes["digit"]]
+    texture = _BACKGROUND_PHRASE[attributes["background"]]
+    return f"a {attributes['color']} {word} on a {texture} background"
+
+
+def make_images(
+    n: int,
+    height: int = 32,
+    width: int = 32,
+    seed: int = 0,
+    sizes: tuple[float, float] = (0.4, 0.8),
+    colors: Sequence[str] = tuple(COLORS),
+    backgrounds: Sequence[str] = BACKGROUNDS,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """``n`` attribute-conditioned images float32 ``[n, H, W, 3]`` and their attributes.
+
+    Image ``k`` draws digit (0-9), colour, background, size (uniform in ``sizes``, frame widths),
+    a position that keeps the sprite inside the frame, and a digit sample, from
+    ``default_rng([seed, k])``. Attributes: ``digit``, ``color``, ``background``, ``size``,
+    ``position``, ``sample``, ``caption`` (:func:`image_caption`).
+
+    Example:
+        >>> x, attrs = make_images(2, height=16, width=16, seed=0)
+        >>> x.shape, attrs[0]["caption"].startswith("a ")
+        ((2, 16, 16, 3), True)
+    """
+    if not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if not 0 < sizes[0] <= sizes[1] <= 1:
+        raise ValueError(f"sizes must be (low, high) with 0 < low <= high <= 1, got {sizes!r}")
+    out = np.empty((n, height, width, 3), np.float32)
+    attrs = []
+    y_half = height / width / 2
+    for k in range(n):
+        rng = np.random.default_rng([int(seed), int(k)])
+        size = float(rng.uniform(*sizes)) * min(1.0, height / width)
+        a = {
+            "digit": int(rng.integers(10)),
+            "color": colors[rng.integers(len(colors))],
+            "background": backgrounds[rng.integers(len(backgrounds))],
+            "size": size,
+            "position": (
+                float(rng.uniform(size / 2, 1 - size / 2)),
+                float(rng.uniform(0.5 - y_half + size / 2, 0.5 + y_half - size / 2)),
+            ),
+            "sample": int(rng.integers(1 << 16)),
+        }
+        c0 = rng.uniform(0.0, 0.2, 3)
+        c1 = np.minimum(c0 + rng.uniform(0.1, 0.25, 3), _BG_MAX)
+        out[k] = render_frame(
+            a["digit"],
+            a["color"],
+            size,
+            a["position"],
+            a["background"],
+            height,
+            width,
+            sample=a["sample"],
+            background_colors=(tuple(c0), tuple(c1)),
+            background_phase=tuple(rng.uniform(0, 2 * np.pi, 2)),
+        )
+        a["caption"] = image_caption(a)
+        attrs.append(a)
+    return out, attrs
 
 
 # --------------------------------------------------------------------------------------------

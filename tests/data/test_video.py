@@ -323,3 +323,36 @@ def test_config_errors():
         V.VideoConfig(frames=3, scenes=(2, 2))
     with pytest.raises(ValueError, match="height must be a positive integer"):
         V.VideoConfig(height=0)
+
+
+@pytest.mark.parametrize("h, w", [(16, 16), (32, 32), (16, 32)])
+def test_sprites_stay_inside_the_frame(h, w):
+    x, metas = V.make_clips(16, frames=8, height=h, width=w, seed=7)
+    border = sprite_mask(x)  # [N, T, H, W]
+    assert not border[..., 0, :].any() and not border[..., -1, :].any()
+    assert not border[..., :, 0].any() and not border[..., :, -1].any()
+    assert border.reshape(16, 8, -1).any(-1).all()  # and every frame shows a sprite
+    for m in metas:
+        assert m.frame_ranges == [(s.start, s.stop) for s in m.scenes]
+        np.testing.assert_array_equal(
+            m.scene_of_frame(),
+            np.repeat(np.arange(len(m.scenes)), [b - a for a, b in m.frame_ranges]),
+        )
+
+
+def test_make_images_attributes_match_pixels():
+    x, attrs = V.make_images(12, height=32, width=32, seed=0)
+    y, attrs2 = V.make_images(12, height=32, width=32, seed=0)
+    np.testing.assert_array_equal(x, y)
+    assert attrs == attrs2
+    for img, a in zip(x, attrs, strict=True):
+        w = words(a["caption"])
+        assert [c for c in COLOR_RGB if c in w] == [a["color"]]
+        assert [d for d in NUMBER_WORDS if d in w] == [NUMBER_WORDS[a["digit"]]]
+        cx, cy = centroid(img)
+        # the stroke centroid sits within a third of the sprite side of the stated centre
+        assert abs(cx / 32 - a["position"][0]) < a["size"] / 3 + 0.05
+        assert abs(cy / 32 - a["position"][1]) < a["size"] / 3 + 0.05
+        dist = np.linalg.norm(img - np.array(COLOR_RGB[a["color"]]), axis=-1)
+        pixel = img.reshape(-1, 3)[dist.argmin()]
+        assert min(COLOR_RGB, key=lambda c: np.linalg.norm(pixel - COLOR_RGB[c])) == a["color"]
