@@ -356,3 +356,23 @@ def test_make_images_attributes_match_pixels():
         dist = np.linalg.norm(img - np.array(COLOR_RGB[a["color"]]), axis=-1)
         pixel = img.reshape(-1, 3)[dist.argmin()]
         assert min(COLOR_RGB, key=lambda c: np.linalg.norm(pixel - COLOR_RGB[c])) == a["color"]
+
+
+def best_shift(first, last, axis, shifts):
+    """The integer shift s minimising |last[i] - first[i + s]| over the overlap along ``axis``."""
+    n = first.shape[axis]
+    errors = []
+    for s in shifts:
+        a = np.take(first, np.arange(max(s, 0), n + min(s, 0)), axis=axis)
+        b = np.take(last, np.arange(max(-s, 0), n - max(s, 0)), axis=axis)
+        errors.append(np.mean((a - b) ** 2))
+    return shifts[int(np.argmin(errors))]
+
+
+@pytest.mark.parametrize("camera, axis", [("pan right", 1), ("tilt down", 0)])
+def test_whole_picture_translates_under_pan_and_tilt(camera, axis):
+    # with a still sprite the background moves with it: the last frame is the first shifted by
+    # pan * W = 9.6 pixels (content slides left under "pan right", up under "tilt down")
+    x, _ = one_scene_clips(4, camera, shot="wide shot", frames=5)
+    for clip in x:
+        assert best_shift(clip[0], clip[-1], axis, list(range(-4, 16))) in (9, 10)
