@@ -24,10 +24,12 @@ truth is known exactly:
   Sprites move in the world: ``moves to the right`` adds ``speed * V_0 * p`` to ``u`` (and so on
   for left; up and down move ``v`` by ``speed * (H / W) * V_0 * p``), ``stays still`` adds
   nothing. "pan left" therefore slides the background to the right in the frame.
-* Shot type sets the sprites' side as a fraction of the frame width at the first frame of the
-  scene: close-up 0.42 (one sprite), medium shot 0.36 (up to two), wide shot 0.24 (up to three).
-  Placements are drawn by rejection so that every sprite stays fully inside the frame and no two
-  sprites overlap on any frame of the scene.
+* Shot type sets the sprites' side as a fraction of the frame's shorter side at the first frame
+  of the scene (times a jitter in [0.9, 1.1]): close-up 0.42 (one sprite), medium shot 0.36 (up
+  to two), wide shot 0.24 (up to three). Placements are drawn by rejection so that every sprite
+  stays fully inside the frame (a pixel clear of the border) and no two sprites overlap on any
+  frame of the scene; when a scene's first sprite cannot fit (a close-up whose motion fights the
+  pan), it falls back to a still sprite if ``static`` is allowed, else it is shrunk.
 * A clip is one or more scenes; a cut starts a new scene with new sprites, background and camera.
 
 Each scene gets a caption in Vript's layout (see ``shared/SPECS.md``, "Vript")::
@@ -41,8 +43,9 @@ Each scene gets a caption in Vript's layout (see ``shared/SPECS.md``, "Vript")::
 ``write_vript_json`` writes it, ``read_vript_json`` reads generated or real Vript caption files
 (``<vid>_caption.json`` in ``vript_captions/``), tolerating extra keys. ``VideoClipSource`` is a
 grain random-access source (clip ``i`` depends only on ``(seed, i)``), ``make_clips`` a stacked
-array for quick experiments, and ``render_frame`` renders one attribute-conditioned image (digit,
-colour, size, position, background) for image-text models.
+array for quick experiments, ``render_frame`` renders one attribute-conditioned image (digit,
+colour, size, position, background) and ``make_images`` a seeded set of them with captions, for
+image-text models.
 
 Example:
     >>> frames, clips = make_clips(2, frames=8, height=32, width=32, seed=0)
