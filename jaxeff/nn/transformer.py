@@ -5,6 +5,10 @@ Pre-norm blocks ``x + Attn(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))`` with
 MLP ``W_down(silu(W_gate x) * W_up x)``. Parameter names follow Llama (q/k/v/o, gate/up/down),
 so Hugging Face or GGUF Llama weights map onto it one to one.
 
+With ``TransformerConfig.moe`` set, every ``moe.every``-th layer (the last of each run of
+``every``) is an OpenMoE block whose FFN is a Mixture of Experts (`jaxeff.nn.moe`), residual
+(``x + MoE(x) + FFN(x)``) by default; the model then returns ``(logits, aux_losses)``.
+
 The layers are stored stacked (a leading ``layers`` axis on every block parameter) and applied
 with ``jax.lax.scan``: the compiled program holds one block whatever the depth, which keeps
 compile time flat on small machines and deep models.
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn.attention import causal_mask, dot_product_attention
+from jaxeff.nn.moe import MoEConfig, MoELayer
 from jaxeff.nn.rope import RopeScaling, apply_rope, rope_cos_sin, rope_frequencies
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -50,6 +55,7 @@ class TransformerConfig:
     remat: bool = False  # recompute block activations in the backward pass
     scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled loop)
     init_std: float = 0.02
+    moe: MoEConfig | None = None  # Mixture-of-Experts FFN every moe.every layers
 
     def __post_init__(self):
         checks = {
@@ -71,6 +77,15 @@ class TransformerConfig:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
         if self.dtype not in _DTYPES:
             raise ValueError(f"TransformerConfig.dtype={self.dtype!r}; allowed: {sorted(_DTYPES)}")
+        if self.moe is not None and self.n_layers % self.moe.every:
+            raise ValueError(
+                f"TransformerConfig.n_layers={self.n_layers} must divide by moe.every="
+                f"{self.moe.every} (one MoE layer per run of `every` layers)"
+            )
+
+    @property
+    def n_moe_layers(self) -> int:
+        return 0 if self.moe is None else self.n_layers // self.moe.every
 
     @property
     def head_dim(self) -> int:
@@ -80,13 +95,21 @@ class TransformerConfig:
     def compute_dtype(self):
         return _DTYPES[self.dtype]
 
-    def num_params(self) -> int:
-        """Parameter count, embeddings included (the tied head counted once)."""
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count, embeddings included (the tied head counted once); ``active``
+        counts only the ``top_k`` experts a token uses in MoE layers."""
         d, f, h = self.dim, self.ffn_dim, self.head_dim
         attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
         block = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.n_layers * block + d + head
+        blocks = self.n_layers * block
+        if self.moe is not None:
+            m = self.moe
+            experts = m.top_k if active else m.num_experts
+            moe_block = attn + 2 * d + d * m.num_experts + 3 * experts * d * m.expert_dim
+            moe_block += 3 * d * f if m.residual else 0
+            blocks = (self.n_layers - self.n_moe_layers) * block + self.n_moe_layers * moe_block
+        return self.vocab_size * d + blocks + d + head
 
 
 # Logical axis names of every parameter, by the last two names of its path. A rules table in
@@ -104,6 +127,10 @@ LOGICAL_AXES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("attn_norm", "scale"): ("norm",),
     ("mlp_norm", "scale"): ("norm",),
     ("final_norm", "scale"): ("norm",),
+    ("moe", "router"): ("embed", None),
+    ("moe", "gate"): ("expert", "embed", "mlp"),
+    ("moe", "up"): ("expert", "embed", "mlp"),
+    ("moe", "down"): ("expert", "mlp", "embed"),
 }
 
 
@@ -231,6 +258,31 @@ class Block(nnx.Module):
         return x if cache is None else (x, cache)
 
 
+class MoEBlock(nnx.Module):
+    """A decoder layer whose FFN is a Mixture of Experts (plus the dense FFN when
+    ``moe.residual``): ``x + Attn(n(x))`` then ``x + MoE(n(x)) [+ FFN(n(x))]``."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.moe.residual:
+            self.mlp = MLP(cfg, rngs=rngs)
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.moe = MoELayer(cfg.dim, cfg.moe, std=cfg.init_std, out_std=out_std, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, dropout_key=None, *, train: bool = False):
+        """Returns ``(x, aux_losses, routing)`` (see `jaxeff.nn.moe.moe_apply`)."""
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        x = x + _dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.cfg.dropout, keys[0])
+        h = self.mlp_norm(x)
+        y, aux, routing = self.moe(h, train=train)
+        if self.cfg.moe.residual:
+            y = y + self.mlp(h)
+        return x + _dropout(y, self.cfg.dropout, keys[1]), aux, routing
+
+
 class Transformer(nnx.Module):
     """Llama-style decoder: ``logits = head(norm(blocks(embed(tokens))))``.
 
@@ -255,12 +307,18 @@ class Transformer(nnx.Module):
             rngs=rngs,
         )
 
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(layer_rngs):
-            return Block(cfg, rngs=layer_rngs)
+        def stacked(block_cls, n):
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_blocks(layer_rngs):
+                return block_cls(cfg, rngs=layer_rngs)
 
-        self.blocks = make_blocks(rngs)
+            return make_blocks(rngs)
+
+        n_dense = cfg.n_layers - cfg.n_moe_layers
+        self.blocks = stacked(Block, n_dense) if n_dense else None
+        if cfg.moe is not None:
+            self.moe_blocks = stacked(MoEBlock, cfg.n_moe_layers)
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg.init_std, rngs)
@@ -277,6 +335,11 @@ class Transformer(nnx.Module):
           mask: boolean, broadcastable to ``[B, heads, S, S]``, True = attend (default causal).
           dropout_key: a PRNG key enables dropout (training); None disables it.
         """
+        return self._forward(tokens, positions, mask, dropout_key)[0]
+
+    def _forward(self, tokens, positions=None, mask=None, dropout_key=None, train=None):
+        """``(final-norm hidden states, aux losses, routing)``; MoE layers run in training
+        mode (capacity factor) when ``train``, by default when a ``dropout_key`` is given."""
         cfg = self.cfg
         b, s = tokens.shape
         if positions is None:
@@ -291,6 +354,9 @@ class Transformer(nnx.Module):
             layer_keys = keys[1:]
         else:
             layer_keys = None
+        if cfg.moe is not None:
+            train = dropout_key is not None if train is None else train
+            return self._moe_layers(x, cos, sin, mask, layer_keys, train)
 
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -307,7 +373,50 @@ class Transformer(nnx.Module):
             for i in range(cfg.n_layers):
                 layer = jax.tree.map(lambda a, i=i: a[i], (stacked, layer_keys))
                 x, _ = body(x, layer)
-        return self.final_norm(x)
+        return self.final_norm(x), {}, None
+
+    def _moe_layers(self, x, cos, sin, mask, layer_keys, train: bool):
+        """Runs ``n_layers / every`` groups of ``every - 1`` dense blocks and one MoE block
+        under one scan; aux losses are summed over MoE layers, routing stacked."""
+        cfg = self.cfg
+        every, groups = cfg.moe.every, cfg.n_moe_layers
+        dense_def, dense = (None, None) if self.blocks is None else nnx.split(self.blocks)
+        if dense is not None:
+            dense = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
+        moe_def, moe = nnx.split(self.moe_blocks)
+        if layer_keys is not None:
+            layer_keys = layer_keys.reshape(groups, every, *layer_keys.shape[1:])
+
+        def body(h, layer):
+            dense_p, moe_p, keys = layer
+            for i in range(every - 1):
+                block = nnx.merge(dense_def, jax.tree.map(lambda a, i=i: a[i], dense_p))
+                h = block(h, cos, sin, mask, None if keys is None else keys[i])
+            block = nnx.merge(moe_def, moe_p)
+            key = None if keys is None else keys[every - 1]
+            h, aux, routing = block(h, cos, sin, mask, key, train=train)
+            return h, (aux, {"expert_index": routing.expert_index, "kept": routing.kept})
+
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        if cfg.scan_layers:
+            x, (aux, routing) = jax.lax.scan(body, x, (dense, moe, layer_keys))
+        else:
+            outs = []
+            for g in range(groups):
+                layer = jax.tree.map(lambda a, g=g: a[g], (dense, moe, layer_keys))
+                x, out = body(x, layer)
+                outs.append(out)
+            aux, routing = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        aux = {name: jnp.sum(value) for name, value in aux.items()}
+        return self.final_norm(x), aux, routing
+
+    def routing(self, tokens, *, train: bool = False) -> dict:
+        """Routing decisions of every MoE layer on ``tokens [B, S]`` (no dropout):
+        ``expert_index`` and ``kept`` ``[n_moe_layers, B, S, top_k]``."""
+        if self.cfg.moe is None:
+            raise ValueError("routing: this Transformer has no MoE layers (config.moe is None)")
+        return self._forward(tokens, train=train)[2]
 
     def rope_tables(self, positions):
         """cos, sin ``[B, T, head_dim]`` for RoPE positions ``[B, T]`` (with the scaling of
@@ -342,6 +451,8 @@ class Transformer(nnx.Module):
         steps, slicing the stacked weights inside the loop costs as much as the matmuls.
         """
         cfg = self.cfg
+        if cfg.moe is not None:
+            raise ValueError("forward_cached: KV-cache decoding of MoE models is not supported")
         b, t = tokens.shape
         slot_pos = jax.lax.dynamic_update_slice(
             cache.positions, positions.astype(jnp.int32), (0, offset)
@@ -385,9 +496,11 @@ class Transformer(nnx.Module):
         return self.lm_head(x).astype(jnp.float32)
 
     def __call__(self, tokens, positions=None, mask=None, *, dropout_key=None):
-        """Logits ``[B, S, vocab]`` (float32); arguments as in `hidden_states`."""
-        x = self.hidden_states(tokens, positions, mask, dropout_key=dropout_key)
-        return self.logits_from_hidden(x)
+        """Logits ``[B, S, vocab]`` (float32); arguments as in `hidden_states`. With MoE
+        layers: ``(logits, aux_losses)``, the aux losses already weighted (`jaxeff.nn.moe`)."""
+        x, aux, _ = self._forward(tokens, positions, mask, dropout_key)
+        logits = self.logits_from_hidden(x)
+        return logits if self.cfg.moe is None else (logits, aux)
 
 
 def param_logical_axes(params: nnx.State) -> nnx.State:
@@ -397,7 +510,7 @@ def param_logical_axes(params: nnx.State) -> nnx.State:
         names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
         names = tuple(n for n in names if n != "value")
         axes = LOGICAL_AXES.get(names[-2:], (None,) * leaf.ndim)
-        if "blocks" in names:
+        if "blocks" in names or "moe_blocks" in names:
             axes = ("layers",) + tuple(axes)
         if len(axes) != leaf.ndim:
             raise ValueError(f"logical axes {axes} do not fit parameter {names} of {leaf.shape}")
