@@ -104,6 +104,7 @@ def make_strategy(task, workdir: str, min_fit_clients: int, total_rounds: int):
             self.server = server
             self.reference = [np.asarray(x) for x in jax.tree.leaves(server.params)]
             self.total_rounds = total_rounds
+            self.started = False
 
             def aggregate(params, outer_state, finals, weights):
                 start = jax.tree.map(
@@ -127,7 +128,11 @@ def make_strategy(task, workdir: str, min_fit_clients: int, total_rounds: int):
         def configure_fit(self, server_round, parameters, client_manager):
             from flwr.common import FitIns, ndarrays_to_parameters
 
-            client_manager.wait_for(self.min_fit_clients, timeout=120)
+            # the first round of a server waits for every client, later ones for the minimum
+            want = self.min_fit_clients if self.started else self.task.num_clients
+            self.started = True
+            if not client_manager.wait_for(want, timeout=120):
+                LOG.warning("only %d of %d clients connected", client_manager.num_available(), want)
             clients = client_manager.all().values()
             global_round = self.done  # rounds completed so far = this round's index
             params = ndarrays_to_parameters([np.asarray(x) for x in self._leaves()])
