@@ -1,0 +1,144 @@
+"""JAX's multi-controller runtime on one machine: launch N local processes, each with D CPU
+devices, joined by ``jax.distributed.initialize`` with gloo CPU collectives.
+
+On a GPU or TPU pod the same program runs unchanged: one process per host (or per GPU), started
+by the cluster's launcher (SLURM, ``mpirun``, a Kubernetes job); ``jax.distributed.initialize()``
+then needs no arguments, because JAX reads the coordinator and process ids from the cluster
+environment. Locally, :func:`launch_local` plays the launcher's role and passes them through
+environment variables that :func:`initialize_from_env` reads.
+
+Example (a script that every process runs)::
+
+    from jaxeff.parallel.multiprocess import initialize_from_env
+    initialize_from_env()          # before any other jax call
+    import jax
+    mesh = jax.make_mesh((jax.device_count(),), ("seq",))   # spans every process
+
+and the launcher::
+
+    results = launch_local(["python", "script.py"], num_processes=2, devices_per_process=4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+ENV_COORDINATOR = "JAXEFF_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXEFF_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXEFF_PROCESS_ID"
+ENV_LOCAL_DEVICES = "JAXEFF_LOCAL_DEVICES"
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_from_env() -> tuple[int, int]:
+    """Join the job described by the ``JAXEFF_*`` variables; returns ``(process_id, count)``.
+
+    Must run before the first jax computation of the process. Sets the host device count
+    (``JAXEFF_LOCAL_DEVICES``, CPU only) and gloo CPU collectives, then calls
+    ``jax.distributed.initialize(coordinator, num_processes, process_id)``. Without the variables
+    it does nothing and returns ``(0, 1)``: the same script runs as a single process.
+    """
+    if ENV_COORDINATOR not in os.environ:
+        return 0, 1
+    try:
+        num = int(os.environ[ENV_NUM_PROCESSES])
+        pid = int(os.environ[ENV_PROCESS_ID])
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"{ENV_COORDINATOR} is set but {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID} are missing or "
+            f"not integers ({e}); set all three"
+        ) from None
+    if not 0 <= pid < num:
+        raise ValueError(f"{ENV_PROCESS_ID} = {pid} must be in [0, {ENV_NUM_PROCESSES} = {num})")
+    local = os.environ.get(ENV_LOCAL_DEVICES)
+    if local:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(local)}"
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ[ENV_COORDINATOR], num_processes=num, process_id=pid)
+    return pid, num
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessResult:
+    process_id: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def launch_local(
+    argv: Sequence[str],
+    *,
+    num_processes: int,
+    devices_per_process: int = 1,
+    timeout: float = 600.0,
+    env: dict[str, str] | None = None,
+) -> list[ProcessResult]:
+    """Run ``argv`` as ``num_processes`` processes of one JAX job on localhost and wait for all.
+
+    Each process gets the ``JAXEFF_*`` variables (a fresh coordinator port, its id, the device
+    count) for :func:`initialize_from_env`. If one process fails or the timeout passes, the
+    others are killed (a distributed job cannot finish without every member; a killed process
+    has a negative return code). Returns each process's exit code and output, in process order.
+    """
+    if num_processes < 1 or devices_per_process < 1:
+        raise ValueError(
+            f"num_processes = {num_processes} and devices_per_process = {devices_per_process} "
+            "must both be >= 1"
+        )
+    base = dict(os.environ if env is None else env)
+    base.pop("XLA_FLAGS", None)  # the device count is set per process by initialize_from_env
+    base[ENV_COORDINATOR] = f"localhost:{free_port()}"
+    base[ENV_NUM_PROCESSES] = str(num_processes)
+    base[ENV_LOCAL_DEVICES] = str(devices_per_process)
+    with tempfile.TemporaryDirectory() as logs:
+        procs, files = [], []
+        for pid in range(num_processes):
+            out = open(os.path.join(logs, f"{pid}.out"), "w+")  # noqa: SIM115
+            err = open(os.path.join(logs, f"{pid}.err"), "w+")  # noqa: SIM115
+            files.append((out, err))
+            penv = dict(base, **{ENV_PROCESS_ID: str(pid)})
+            procs.append(subprocess.Popen(list(argv), env=penv, stdout=out, stderr=err, text=True))
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                codes = [p.poll() for p in procs]  # every process, no short-circuit
+                if all(c is not None for c in codes):
+                    break
+                if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        results = []
+        for pid, (p, (out, err)) in enumerate(zip(procs, files, strict=True)):
+            out.seek(0)
+            err.seek(0)
+            results.append(ProcessResult(pid, p.returncode, out.read(), err.read()))
+            out.close()
+            err.close()
+    return results
+
+
+def python_argv(script: str) -> list[str]:
+    """``argv`` that runs the Python source ``script`` with this interpreter."""
+    return [sys.executable, "-c", script]
