@@ -151,7 +151,7 @@ def get_dept_config(preset: str) -> DeptConfig:
     if preset == "smoke":
         return DeptConfig(
             languages=("en", "de"),
-            bytes_per_silo=8_000,
+            bytes_per_silo=25_000,
             glob_vocab=320,
             spec_vocab=280,
             seq_len=16,
@@ -300,28 +300,42 @@ def _lm_loss(graphdef):
     return loss
 
 
-def make_eval_fn(graphdef, val, batch: int, max_batches: int, vocab_mask=None):
-    """``params -> {"loss", "ppl", "nll_sum", "token_count"}`` over fixed validation windows."""
+@functools.cache
+def _nll_fn(graphdef):
+    """One jitted ``(params, tokens [B, S+1], row_weights [B], vocab_mask [V]) -> summed NLL``
+    per model structure, shared by every evaluation of a run (one compile per shape)."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    n = min(max_batches, len(val) // batch) if len(val) >= batch else 0
-    if n == 0:
-        batch, n = len(val), 1
-    windows = [val[i * batch : (i + 1) * batch] for i in range(n)]
-
     @jax.jit
-    def nll(params, tokens):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-        if vocab_mask is not None:
-            logits = jnp.where(vocab_mask, logits, -1e9)
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
+    def nll(params, tokens, rows, vocab_mask):
+        logits = jnp.where(vocab_mask, nnx.merge(graphdef, params)(tokens[:, :-1]), -1e9)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        return jnp.sum(per_token * rows[:, None])
+
+    return nll
+
+
+def make_eval_fn(graphdef, val, batch: int, max_batches: int, vocab_mask=None):
+    """``params -> {"loss", "ppl", "nll_sum", "token_count"}`` over the first
+    ``max_batches * batch`` validation windows (a short last batch is padded and masked)."""
+    import numpy as np
+
+    n = min(len(val), max_batches * batch)
+    pad = -n % batch
+    windows = np.concatenate([val[:n], np.zeros((pad, val.shape[1]), val.dtype)])
+    rows = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    nll = _nll_fn(graphdef)
 
     def fn(params):
-        total = sum(float(nll(params, w)) for w in windows)
-        count = sum(w[:, 1:].size for w in windows)
+        vocab = np.ones(1, bool) if vocab_mask is None else np.asarray(vocab_mask)
+        total = sum(
+            float(nll(params, windows[i : i + batch], rows[i : i + batch], vocab))
+            for i in range(0, len(windows), batch)
+        )
+        count = n * (val.shape[1] - 1)
         loss = total / count
         return {
             "loss": loss,
@@ -634,7 +648,7 @@ def dept_silos(cfg: DeptConfig) -> dict:
 
     def lang(code):
         silos = [f"{code}/{d}" for d in corpora.NUMBER_DOMAINS]
-        return corpora.load_documents("numbers", silos, cfg.bytes_per_silo)
+        return capped_documents("numbers", cfg.bytes_per_silo, silos)
 
     for code in (*cfg.languages, cfg.heldout_language):
         if code not in corpora.NUMBER_LANGUAGES:
@@ -701,7 +715,13 @@ def run_dept(cfg: DeptConfig, workdir: str | None = None, resume: bool = False) 
             _, graphdef, params = _model(cfg.model, sizes[0], cfg.seq_len, cfg.seed)
             client_params = None
             vmask = (
-                emb.vocab_masks(trains, sizes[0])
+                emb.vocab_masks(
+                    [
+                        np.concatenate([t.ravel(), v.ravel()])
+                        for t, v in zip(trains, vals, strict=True)
+                    ],
+                    sizes[0],
+                )
                 if variant == "trim"
                 else np.ones((num, sizes[0]), bool)
             )

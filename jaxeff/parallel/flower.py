@@ -280,6 +280,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(address: str, timeout: float) -> None:
+    """Blocks until ``host:port`` accepts TCP connections; TimeoutError after ``timeout`` s."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no server listening on {address} after {timeout} s") from None
+            time.sleep(0.2)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -391,6 +405,8 @@ def _client(args) -> None:
     with open(args.spec) as f:
         task = load_task(json.load(f))
     client = make_client(task, args.client_id, json.loads(args.faults))
+    # grpc-bidi gives up at once on a refused connection: wait for the server to listen
+    wait_for_port(args.address, timeout=120)
     flwr.client.start_client(
         server_address=args.address, client=client.to_client(), insecure=True, max_wait_time=120
     )
