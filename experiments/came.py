@@ -328,8 +328,6 @@ def gpt2_shapes(cfg: BenchConfig) -> dict[str, tuple[int, ...]]:
 
 
 def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
-    import time
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -337,6 +335,7 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
     import torch
     from came_pytorch import CAME
 
+    from jaxeff.bench import interleaved_times
     from jaxeff.optim import came
 
     del resume
@@ -365,19 +364,16 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
 
         return jax.jit(step, donate_argnums=(0, 1))
 
-    def jax_timer(tx):
+    def jax_stepper(tx):
         params = jax.tree.map(jnp.array, host_params)  # a copy per optimizer: it is donated
-        state = tx.init(params)
+        carry = [params, tx.init(params)]
         step = make_step(tx)
-        carry = [params, state]
 
         def once():
-            start = time.perf_counter()
             carry[0], carry[1] = step(carry[0], carry[1], grads)
-            jax.block_until_ready(carry)
-            return time.perf_counter() - start
+            return carry
 
-        return once, carry
+        return once
 
     # torch-allocated copies: came-pytorch runs ~5x slower here on tensors that wrap numpy
     # memory (torch.from_numpy without a clone)
@@ -387,21 +383,14 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
     topt = CAME(tparams, lr=cfg.learning_rate)
 
     def torch_once():
-        start = time.perf_counter()
         with torch.no_grad():
             topt.step()
-        return time.perf_counter() - start
 
-    timers = {"came": jax_timer(txs["came"])[0], "came_pytorch": torch_once}
+    steppers = {"came": jax_stepper(txs["came"]), "came_pytorch": torch_once}
     if cfg.include_adamw:
-        timers["adamw"] = jax_timer(txs["adamw"])[0]
-    times: dict[str, list[float]] = {k: [] for k in timers}
-    for _ in range(cfg.warmup):
-        for fn in timers.values():
-            fn()
-    for _ in range(cfg.repeats):  # alternate, so that drifts in machine speed hit all alike
-        for name, fn in timers.items():
-            times[name].append(fn())
+        steppers["adamw"] = jax_stepper(txs["adamw"])
+    # round-robin, so that drifts in machine speed hit all alike
+    times = interleaved_times(steppers, repeats=cfg.repeats, warmup=cfg.warmup)
     med = {k: float(np.median(v)) for k, v in times.items()}
     out = {
         "came_step_s": med["came"],

@@ -50,19 +50,6 @@ def get_config(preset: str) -> GenerateBenchConfig:
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
 
 
-def _median_time(fn, repeats: int) -> float:
-    import time
-
-    import numpy as np
-
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def _hf_model(path: str):
     import os
 
@@ -85,6 +72,7 @@ def run(cfg: GenerateBenchConfig, workdir: str | None = None, resume: bool = Fal
 
     import torch
 
+    from jaxeff.bench import median_time
     from jaxeff.infer.generate import Generator
     from jaxeff.llm.gguf import load_gguf, smollm2_path
 
@@ -128,8 +116,8 @@ def run(cfg: GenerateBenchConfig, workdir: str | None = None, resume: bool = Fal
             out["same_greedy_b1"] = ours[0][:end] == hf_ids[:end]
             out["greedy_tokens_compared"] = end
         tokens = b * cfg.new_tokens
-        out["jaxeff_tok_s"][f"b{b}"] = tokens / _median_time(jaxeff_call, cfg.repeats)
-        out["hf_tok_s"][f"b{b}"] = tokens / _median_time(hf_call, cfg.repeats)
+        out["jaxeff_tok_s"][f"b{b}"] = tokens / median_time(jaxeff_call, cfg.repeats)
+        out["hf_tok_s"][f"b{b}"] = tokens / median_time(hf_call, cfg.repeats)
         ratio = out["jaxeff_tok_s"][f"b{b}"] / out["hf_tok_s"][f"b{b}"]
         out[f"ratio_b{b}"] = ratio
         sys.stderr.write(

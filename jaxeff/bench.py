@@ -34,18 +34,26 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 0) -> floa
     return float(np.median([time_once(fn) for _ in range(repeats)]))
 
 
-def interleaved_median_times(
+def interleaved_times(
     fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds of each of ``fns``, timed in round-robin order (A B C A B C ...) so that
-    slow drifts of a busy machine hit every side alike."""
+) -> dict[str, list[float]]:
+    """Seconds of each call of each of ``fns``, timed in round-robin order (A B C A B C ...) so
+    that slow drifts of a busy machine hit every side alike."""
     if repeats < 1:
         raise ValueError(f"repeats = {repeats} must be >= 1")
-    for fn in fns.values():
-        for _ in range(warmup):
+    for _ in range(warmup):
+        for fn in fns.values():
             _wait(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(time_once(fn))
+    return times
+
+
+def interleaved_median_times(
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each of ``fns`` under :func:`interleaved_times`."""
+    times = interleaved_times(fns, repeats, warmup)
     return {name: float(np.median(t)) for name, t in times.items()}
