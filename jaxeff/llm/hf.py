@@ -45,6 +45,8 @@ def hf_config(cfg: TransformerConfig, **ids) -> dict:
     """The ``config.json`` of a ``LlamaForCausalLM`` with ``cfg``'s shape."""
     if cfg.rope_scaling is not None:
         raise ValueError("export: rope_scaling is not supported (export a model without it)")
+    if getattr(cfg, "moe", None) is not None:
+        raise ValueError("export: mixture-of-experts models are not Llama models")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
