@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.optim._tree import global_norm, perturb
+
 __all__ = [
     "HelenState",
     "feature_counts",
@@ -200,15 +202,8 @@ def scale_by_helen(
         if missing:
             raise ValueError(f"tables not found among the parameters: {sorted(missing)}")
 
-        dense_sq = sum(
-            (
-                jnp.sum(jnp.square(g.astype(jnp.float32)))
-                for g, t in zip(grads, is_table, strict=True)
-                if not t
-            ),
-            start=jnp.zeros((), jnp.float32),
-        )
-        dense_scale = rho / (jnp.sqrt(dense_sq) + norm_eps)
+        dense = [g for g, t in zip(grads, is_table, strict=True) if not t]
+        dense_scale = rho / (global_norm(dense) + norm_eps)
         perturbations = []
         for path, g, table in zip(paths, grads, is_table, strict=True):
             if table:
@@ -218,7 +213,7 @@ def scale_by_helen(
                         f"counts for table {path!r} have shape {tuple(c.shape)}, "
                         f"expected ({g.shape[0] if g.ndim else '?'},) (one per row)"
                     )
-                scale = rho / (jnp.linalg.norm(g.astype(jnp.float32)) + norm_eps)
+                scale = rho / (global_norm(g) + norm_eps)
                 row = _row_scale(c, bound).reshape((-1,) + (1,) * (g.ndim - 1))
                 perturbations.append((g * scale * row).astype(g.dtype))
             elif net_pert:
@@ -226,7 +221,7 @@ def scale_by_helen(
             else:
                 perturbations.append(jnp.zeros_like(g))
         e = jax.tree_util.tree_unflatten(treedef, perturbations)
-        perturbed = grad_fn(jax.tree.map(lambda w, d: w + d, params, e))
+        perturbed = grad_fn(perturb(params, e, 1.0))
         chosen = [
             h if (table or net_pert) else g
             for g, h, table in zip(grads, jax.tree.leaves(perturbed), is_table, strict=True)

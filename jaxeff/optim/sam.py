@@ -68,6 +68,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.optim._tree import global_norm, perturb, vdot
+
 GradFn = Callable[[Any], Any]
 
 __all__ = [
@@ -94,29 +96,6 @@ class SAMState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _global_norm(tree) -> jax.Array:
-    """The l2 norm of all leaves together, accumulated in float32."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
-def _vdot(a, b) -> jax.Array:
-    leaves_b = jax.tree.leaves(b)
-    return sum(
-        jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
-        for x, y in zip(jax.tree.leaves(a), leaves_b, strict=True)
-    )
-
-
-def _perturb(params, direction, scale):
-    """``params + scale * direction`` in each parameter's dtype."""
-    return jax.tree.map(
-        lambda p, d: (p + scale * d.astype(jnp.float32)).astype(p.dtype), params, direction
-    )
-
-
 def _check(grad_fn, params, name):
     if grad_fn is None:
         raise ValueError(
@@ -141,8 +120,8 @@ def sam_gradient(grads, params, grad_fn: GradFn, rho, eps: float = 1e-12):
     Returns:
       The gradient at the perturbed parameters, shaped like ``grads``.
     """
-    scale = rho / (_global_norm(grads) + eps)
-    return grad_fn(_perturb(params, grads, scale))
+    scale = rho / (global_norm(grads) + eps)
+    return grad_fn(perturb(params, grads, scale))
 
 
 def _default_asam_mask(params):
@@ -183,8 +162,8 @@ def asam_gradient(
     )
     tg = jax.tree.map(lambda g, ti: ti * g.astype(jnp.float32), grads, t)
     t2g = jax.tree.map(lambda x, ti: ti * x, tg, t)
-    scale = rho / (_global_norm(tg) + eps)
-    return grad_fn(_perturb(params, t2g, scale))
+    scale = rho / (global_norm(tg) + eps)
+    return grad_fn(perturb(params, t2g, scale))
 
 
 def gsam_gradient(
@@ -221,20 +200,20 @@ def gsam_gradient(
     Returns:
       The GSAM gradient, shaped like ``grads``.
     """
-    g_norm = _global_norm(grads)
+    g_norm = global_norm(grads)
     direction = grads
     if adaptive:
         direction = jax.tree.map(lambda p, g: jnp.abs(p) * g, params, grads)
-    g_p = grad_fn(_perturb(params, direction, rho / (g_norm + eps)))
+    g_p = grad_fn(perturb(params, direction, rho / (g_norm + eps)))
     if minimize_fp:
-        gp_norm = _global_norm(g_p)
+        gp_norm = global_norm(g_p)
         unit = jax.tree.map(lambda x: x / (gp_norm + eps), g_p)
-        coef = _vdot(grads, unit)
+        coef = vdot(grads, unit)
         return jax.tree.map(
             lambda gp, g, u: (gp - alpha * (g - coef * u)).astype(gp.dtype), g_p, grads, unit
         )
     unit = jax.tree.map(lambda x: x / (g_norm + eps), grads)
-    coef = _vdot(g_p, unit)
+    coef = vdot(g_p, unit)
     return jax.tree.map(
         lambda g, gp, u: (g + alpha * (gp - coef * u)).astype(g.dtype), grads, g_p, unit
     )
