@@ -11,6 +11,16 @@ smoothed unigram model fitted on the same training tokens (the floor any LM must
 JSON: ``val_ppl``, ``unigram_ppl``, ``train_tokens`` (target tokens in the training split),
 ``steps``, plus ``tokens_seen`` and ``final_train_loss``.
 
+Scale-out: ``--set mesh.data=2 --set mesh.fsdp=2 --set mesh.tensor=2`` shards the same run over
+a named mesh (`jaxeff.parallel.mesh`; one axis may be ``-1`` to fill); started as several
+processes of one JAX job (`jaxeff.parallel.multiprocess`, or a pod launcher), each process reads
+its own ``train.data_shards / processes`` grain shards (`jaxeff.data.shards`) and orbax writes
+one checkpoint for the whole job. Two local processes with two CPU devices each::
+
+    python -c "from jaxeff.parallel.multiprocess import launch_local; import sys; \
+      launch_local(['jaxeff', 'run', 'lm', '--preset', 'smoke', '--out', 'runs/lm2', \
+      '--set', 'mesh.data=2', '--set', 'mesh.fsdp=2'], num_processes=2, devices_per_process=2)"
+
 ``lm-bench``: training tokens/s of the ``cpu`` model and its model FLOP/s as a fraction of the
 f32 matmul peak measured in the same process (see `model_flops_per_token`).
 
@@ -27,6 +37,7 @@ import dataclasses
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.parallel.mesh_config import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +82,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     progress: bool = True
+    # the global batch is read as this many grain shards (0: one per process); runs with the
+    # same value see the same batches whatever the number of processes
+    data_shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +94,7 @@ class LMConfig:
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +194,84 @@ def make_optimizer(cfg: OptimConfig, steps: int):
     )
 
 
+@dataclasses.dataclass
+class Placement:
+    """Where a run's arrays live: ``mesh`` is None on one device (nothing is placed)."""
+
+    mesh: object = None
+    state: object = None  # TrainState of NamedShardings
+    batch: object = None  # {"tokens": NamedSharding}
+
+    def train_batch(self, batch):
+        """This process's rows -> global arrays (a no-op without a mesh)."""
+        from jaxeff.parallel.mesh import host_local_to_global
+
+        return batch if self.mesh is None else host_local_to_global(batch, self.batch)
+
+    def eval_batch(self, batch):
+        """A batch every process holds whole -> global arrays."""
+        from jaxeff.parallel.mesh import global_from_replicated
+
+        return batch if self.mesh is None else global_from_replicated(batch, self.batch)
+
+    @property
+    def step_shardings(self):
+        from jaxeff.train.loop import StepShardings
+
+        return None if self.mesh is None else StepShardings(self.state, self.batch)
+
+
+def place(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int):
+    """The train state placed on the mesh of ``mesh_cfg`` and the run's `Placement`.
+
+    A trivial mesh in a single process places nothing. Otherwise every process holds the
+    same initial state on the host and places the slices its devices own.
+    """
+    import jax
+    import numpy as np
+
+    from jaxeff.parallel import mesh as mesh_lib
+    from jaxeff.train.state import train_state_shardings
+
+    if mesh_cfg.is_trivial and jax.process_count() == 1:
+        return state, Placement()
+    mesh = mesh_lib.mesh_from_config(mesh_cfg)
+    pieces = mesh_lib.batch_shard_count(mesh)
+    if batch_size % pieces:
+        raise ValueError(
+            f"train.batch_size={batch_size} must divide by the mesh's batch axes data x fsdp "
+            f"= {pieces}"
+        )
+    if pieces % jax.process_count():
+        raise ValueError(
+            f"mesh data x fsdp = {pieces} must divide by the process count "
+            f"{jax.process_count()}: each process feeds its own rows of the batch"
+        )
+    shardings = train_state_shardings(state, param_axes, mesh)
+    state = mesh_lib.global_from_replicated(jax.device_get(state), shardings)
+    example = {"tokens": np.zeros((batch_size, seq_len + 1), np.int32)}
+    return state, Placement(mesh, shardings, mesh_lib.batch_shardings(example, mesh))
+
+
+def train_loader(source, cfg_train, seed: int):
+    """The grain loader of this process: its ``data_shards / processes`` shards of the global
+    batch (`jaxeff.data.shards`); one shard is the plain loader."""
+    import jax
+
+    from jaxeff.data.packing import make_loader
+    from jaxeff.data.shards import ShardedLoader
+
+    shards = cfg_train.data_shards or jax.process_count()
+    if shards == 1:
+        return make_loader(source, cfg_train.batch_size, seed=seed)
+    return ShardedLoader(
+        source, cfg_train.batch_size, seed, shards, jax.process_index(), jax.process_count()
+    )
+
+
 def build(cfg: LMConfig):
-    """Data, model graphdef, initial train state and step functions of an ``lm`` run."""
+    """Data, model graphdef, initial train state and step functions of an ``lm`` run
+    (unsharded; `run` places them on the mesh)."""
     from flax import nnx
 
     from jaxeff.data.packing import build_lm_data
@@ -246,22 +337,36 @@ def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict
     import tempfile
 
     from jaxeff import config as config_lib
-    from jaxeff.data.packing import make_loader
     from jaxeff.train.loop import LoopConfig, evaluate, fit
 
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-lm-")
     os.makedirs(workdir, exist_ok=True)
-    data, mcfg, _, state, train_step, eval_step = build(cfg)
+    import jax
+
+    from jaxeff.nn.transformer import param_logical_axes
+    from jaxeff.train.loop import make_eval_step, make_train_step
+    from jaxeff.train.losses import causal_lm_loss
+
+    data, mcfg, graphdef, state, train_step, eval_step = build(cfg)
     t = cfg.train
     if t.batch_size > len(data.train):
         raise ValueError(
             f"train.batch_size={t.batch_size} exceeds the {len(data.train)} training windows; "
             "lower it or raise data.max_bytes"
         )
-    loader = make_loader(data.train, t.batch_size, seed=cfg.seed)
+    state, where = place(
+        cfg.mesh, state, param_logical_axes(state.params), t.batch_size, cfg.data.seq_len
+    )
+    if where.mesh is not None:
+        tx = make_optimizer(cfg.optim, t.steps)
+        train_step = make_train_step(graphdef, tx, causal_lm_loss, shardings=where.step_shardings)
+        eval_step = make_eval_step(graphdef, causal_lm_loss, shardings=where.step_shardings)
+    loader = train_loader(data.train, t, cfg.seed)
+    primary = jax.process_index() == 0
 
     def eval_fn(params):
-        return evaluate(eval_step, params, val_batches(data, t.batch_size, t.eval_batches))
+        batches = val_batches(data, t.batch_size, t.eval_batches)
+        return evaluate(eval_step, params, map(where.eval_batch, batches))
 
     loop = LoopConfig(
         steps=t.steps,
@@ -272,11 +377,21 @@ def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict
         progress=t.progress,
     )
     meta = {"config": config_lib.to_dict(cfg), "vocab_size": data.vocab_size}
-    data.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    if primary:
+        data.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
     _, records = fit(
-        state, train_step, loader, workdir, loop, eval_fn=eval_fn, resume=resume, meta=meta
+        state,
+        train_step,
+        loader,
+        workdir,
+        loop,
+        eval_fn=eval_fn,
+        resume=resume,
+        meta=meta,
+        to_device=where.train_batch if where.mesh is not None else None,
     )
-    plot_losses(records, os.path.join(workdir, "loss.png"), data.unigram_ppl)
+    if primary:
+        plot_losses(records, os.path.join(workdir, "loss.png"), data.unigram_ppl)
     val = [r for r in records if r["split"] == "val"][-1]
     train = [r for r in records if r["split"] == "train"][-1]
     return {
@@ -288,6 +403,8 @@ def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict
         "final_train_loss": train["loss"],
         "val_loss": val["loss"],
         "params": mcfg.num_params(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
     }
 
 

@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 presets = ",".join(exp.presets)
                 print(f"{name:<24} [{presets}]  {exp.summary}")
             return 0
+        from jaxeff.parallel.multiprocess import initialize_from_env
+
+        initialize_from_env()  # joins a multi-process job when launched as one; else a no-op
         exp, cfg, workdir = experiment.prepare_run(
             args.name, args.preset, args.overrides, args.out, args.resume
         )

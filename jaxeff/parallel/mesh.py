@@ -14,6 +14,25 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxeff.parallel.mesh_config import MeshConfig
+
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "MeshConfig",
+    "batch_shard_count",
+    "batch_shardings",
+    "global_from_replicated",
+    "host_local_to_global",
+    "logical_to_spec",
+    "make_mesh",
+    "mesh_from_config",
+    "named_shardings",
+    "per_device_bytes",
+    "shardings_like_params",
+    "tree_bytes",
+]
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq", "clients")
 
 # logical axis -> mesh axis, tuple of mesh axes, or None (replicated)
@@ -99,3 +118,79 @@ def shardings_like_params(tree, params, param_shardings, mesh):
         return param_shardings if is_param_like(node) else replicated
 
     return jax.tree.map(one, tree, is_leaf=is_param_like)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes from a config, batch placement across processes, and per-device memory accounting.
+
+
+def mesh_from_config(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None):
+    """The mesh of ``cfg`` over ``devices`` (default: every device of every process).
+
+    Size-1 axes are kept, so specs may name any axis. Device order is ``jax.devices()``, which
+    lists each process's devices together: the leading (``data``) axis spans processes and the
+    trailing ones (``tensor``) stay inside a host, where the links are fastest.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    return make_mesh(cfg.shape(len(devices)), devices)
+
+
+def batch_shardings(batch, mesh, rules: Mapping = DEFAULT_RULES):
+    """NamedShardings splitting the leading (``batch``) dimension of every leaf of ``batch``
+    over the batch mesh axes (``data`` x ``fsdp``); other dimensions are replicated."""
+
+    def one(x):
+        ndim = np.ndim(x)
+        axes = ("batch",) + (None,) * (ndim - 1)
+        return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, np.shape(x)))
+
+    return jax.tree.map(one, batch)
+
+
+def batch_shard_count(mesh, rules: Mapping = DEFAULT_RULES) -> int:
+    """Into how many pieces the batch dimension is split on ``mesh``."""
+    spec = logical_to_spec(("batch",), mesh, rules)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def host_local_to_global(batch, shardings):
+    """Global arrays from this process's rows of a batch (multi-controller input pipelines).
+
+    Every process passes its own contiguous block of rows (process ``p`` of ``P`` holds global
+    rows ``[p B/P, (p+1) B/P)``), as `jax.make_array_from_process_local_data` expects when the
+    batch axes span processes in device order. In one process this is a plain `device_put`.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
+
+
+def global_from_replicated(batch, shardings):
+    """Global arrays from a batch that every process holds whole (e.g. validation batches):
+    each process places only the slices its devices own."""
+
+    def one(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(one, batch, shardings)
+
+
+def per_device_bytes(tree) -> dict[int, int]:
+    """Bytes of ``tree``'s arrays held on each device (id -> bytes), counting replicas once per
+    device that holds them. For arrays spanning processes, only this process's devices appear."""
+    held: dict[int, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    return held
+
+
+def tree_bytes(tree) -> int:
+    """Total bytes of the (global) arrays of ``tree``, each counted once."""
+    return sum(
+        int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )

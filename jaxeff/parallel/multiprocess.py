@@ -34,6 +34,9 @@ ENV_COORDINATOR = "JAXEFF_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXEFF_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXEFF_PROCESS_ID"
 ENV_LOCAL_DEVICES = "JAXEFF_LOCAL_DEVICES"
+# on a GPU/TPU pod: JAXEFF_DISTRIBUTED=1 calls jax.distributed.initialize() with no arguments
+ENV_AUTO = "JAXEFF_DISTRIBUTED"
+_JOINED: tuple[int, int] | None = None
 
 
 def free_port() -> int:
@@ -49,8 +52,20 @@ def initialize_from_env() -> tuple[int, int]:
     Must run before the first jax computation of the process. Sets the host device count
     (``JAXEFF_LOCAL_DEVICES``, CPU only) and gloo CPU collectives, then calls
     ``jax.distributed.initialize(coordinator, num_processes, process_id)``. Without the variables
-    it does nothing and returns ``(0, 1)``: the same script runs as a single process.
+    it does nothing and returns ``(0, 1)``: the same script runs as a single process. On a
+    cluster, ``JAXEFF_DISTRIBUTED=1`` calls ``jax.distributed.initialize()`` without arguments
+    (JAX reads SLURM, TPU pod, Open MPI or GKE variables). A second call returns the first's
+    result.
     """
+    global _JOINED
+    if _JOINED is not None:  # a second call (e.g. the CLI, then an experiment) is a no-op
+        return _JOINED
+    if os.environ.get(ENV_AUTO, "") == "1":
+        import jax
+
+        jax.distributed.initialize()  # the cluster (SLURM, TPU, Open MPI, GKE) names everything
+        _JOINED = (jax.process_index(), jax.process_count())
+        return _JOINED
     if ENV_COORDINATOR not in os.environ:
         return 0, 1
     try:
@@ -71,7 +86,8 @@ def initialize_from_env() -> tuple[int, int]:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(os.environ[ENV_COORDINATOR], num_processes=num, process_id=pid)
-    return pid, num
+    _JOINED = (pid, num)
+    return _JOINED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,7 +207,10 @@ def fit(
         iterator = restore_iterator(loader, data_state)
     if iterator is None:
         iterator = iter(loader)
-    writer = MetricsWriter(workdir, resume_step=start if resume else None)
+    # one writer per process; process 0 owns the run directory's metrics.jsonl
+    pid = jax.process_index()
+    logdir = workdir if pid == 0 else os.path.join(workdir, f"process_{pid}")
+    writer = MetricsWriter(logdir, resume_step=start if resume else None)
     bar = progress(cfg.steps, initial=start, enabled=cfg.progress)
     try:
         for step in range(start, cfg.steps):
