@@ -104,9 +104,12 @@ def named_shardings(logical_tree, shapes_tree, mesh, rules=DEFAULT_RULES):
 
 def shardings_like_params(tree, params, param_shardings, mesh):
     """Shardings for an optimizer state: every subtree shaped like ``params`` takes the params'
-    shardings (Adam's moments, for instance); every other leaf is replicated."""
+    shardings (Adam's moments, for instance); every other leaf is replicated, and so is a leaf
+    of a param-like subtree whose shape differs from its parameter's (factored statistics)."""
     structure = jax.tree.structure(params)
     replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = [tuple(getattr(p, "shape", np.shape(p))) for p in jax.tree.leaves(params)]
+    fitting = jax.tree.unflatten(structure, shapes)
 
     def is_param_like(node):
         try:
@@ -115,7 +118,13 @@ def shardings_like_params(tree, params, param_shardings, mesh):
             return False
 
     def one(node):
-        return param_shardings if is_param_like(node) else replicated
+        if not is_param_like(node):
+            return replicated
+
+        def leaf(x, shape, sharding):
+            return sharding if tuple(getattr(x, "shape", np.shape(x))) == shape else replicated
+
+        return jax.tree.map(leaf, node, fitting, param_shardings, is_leaf=lambda x: x is None)
 
     return jax.tree.map(one, tree, is_leaf=is_param_like)
 
