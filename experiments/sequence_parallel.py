@@ -20,15 +20,16 @@ Both spawn one subprocess with 8 simulated CPU devices when the calling process 
 (``XLA_FLAGS`` must be set before jax starts); with 8 real devices they run in-process.
 
 Expected: Ulysses / DSP bytes = 4.0 at every N (measured exactly, forward and backward); ring /
-DSP = 2 (N-1). Wall time on simulated devices shares the same 2 cores among all 8 "devices", so
-it measures the collectives' copies and the per-device overheads rather than a real
-interconnect; it is printed as measured.
+DSP = 2 (N-1); Megatron-SP / DSP = 1.5 (N+1). Wall time on simulated devices shares the same 2
+cores among all 8 "devices", so it measures the collectives' copies and the per-device overheads
+rather than a real interconnect; it is printed as measured.
 
 JSON (``dsp-bench``): ``bytes_ratio_ulysses_vs_dsp``, ``bytes_ratio_ring_vs_dsp``,
-``wall_ratio_ulysses_vs_dsp`` (all at N = 8, forward + backward), and ``by_n``: per N and per
-method ``bytes_fwd``, ``bytes_fwd_bwd`` (sequence-parallel collectives of a training step),
-``bytes_param_grad_allreduce`` (the all-reduce of the replicated parameters' gradients, equal for
-every method and counted apart), ``theory_fwd``, ``wall_s``, ``by_collective``.
+``wall_ratio_ulysses_vs_dsp`` (all at N = 8, forward + backward; also
+``bytes_ratio_megatron_vs_dsp``, ``wall_ratio_ring_vs_dsp``, ``wall_ratio_megatron_vs_dsp``), and
+``by_n``: per N and per method ``bytes_fwd``, ``bytes_fwd_bwd`` (sequence-parallel collectives
+of a training step), ``bytes_param_grad_allreduce`` (the all-reduce of the replicated parameters'
+gradients, counted apart), ``theory_fwd``, ``wall_s``, ``by_collective``.
 JSON (``dsp-train``): ``loss_single``, ``loss_dsp`` (final training loss), ``max_loss_diff``
 (over all steps), ``max_param_rel_diff`` (final parameters), ``val_loss_init``,
 ``val_loss_single``, ``val_loss_dsp``, ``step_time_single``, ``step_time_dsp``, ``devices``.
@@ -48,7 +49,7 @@ import sys
 
 from jaxeff.experiment import Experiment
 
-METHODS = ("dsp", "ulysses", "ring")
+METHODS = ("dsp", "ulysses", "ring", "megatron")
 DEVICES = 8
 
 
@@ -139,10 +140,15 @@ def _tuples(fields: dict) -> dict:
 def theory_bytes(method: str, activation_bytes: int, n: int) -> int:
     """Forward bytes per device per spatial+temporal block (see the module docstring)."""
     m = activation_bytes
-    return {"dsp": 2 * m // n, "ulysses": 8 * m // n, "ring": 4 * (n - 1) * m // n}[method]
+    return {
+        "dsp": 2 * m // n,
+        "ulysses": 8 * m // n,
+        "ring": 4 * (n - 1) * m // n,
+        "megatron": 3 * m + 3 * m // n,
+    }[method]
 
 
-FORMULAS = {"dsp": "2M/N", "ulysses": "8M/N", "ring": "4(N-1)M/N"}
+FORMULAS = {"dsp": "2M/N", "ulysses": "8M/N", "ring": "4(N-1)M/N", "megatron": "3M(N+1)/N"}
 
 
 def bench_on_devices(cfg: BenchConfig) -> dict:
@@ -184,8 +190,8 @@ def bench_on_devices(cfg: BenchConfig) -> dict:
             calls[method] = functools.partial(step, params, x)
             row[method] = {
                 "bytes_fwd": fwd_bytes["total"],
-                # the all-reduce of the replicated parameters' gradients is the same for every
-                # method (and is data parallelism's job): counted apart
+                # the all-reduce of the replicated parameters' gradients (the same for every
+                # method with replicated weights; data parallelism's job): counted apart
                 "bytes_fwd_bwd": both["total"] - both["all-reduce"] + fwd_bytes["all-reduce"],
                 "bytes_param_grad_allreduce": both["all-reduce"] - fwd_bytes["all-reduce"],
                 "theory_fwd": theory_bytes(method, activation_bytes, n),
@@ -210,7 +216,11 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
         "bytes_ratio_ulysses_vs_dsp": top["ulysses"]["bytes_fwd_bwd"] / top["dsp"]["bytes_fwd_bwd"],
         "bytes_ratio_ring_vs_dsp": top["ring"]["bytes_fwd_bwd"] / top["dsp"]["bytes_fwd_bwd"],
         "wall_ratio_ulysses_vs_dsp": top["ulysses"]["wall_s"] / top["dsp"]["wall_s"],
+        "bytes_ratio_megatron_vs_dsp": (
+            top["megatron"]["bytes_fwd_bwd"] / top["dsp"]["bytes_fwd_bwd"]
+        ),
         "wall_ratio_ring_vs_dsp": top["ring"]["wall_s"] / top["dsp"]["wall_s"],
+        "wall_ratio_megatron_vs_dsp": top["megatron"]["wall_s"] / top["dsp"]["wall_s"],
         "n": max(cfg.n_values),
         "activation_bytes": m,
         "shape_btsc": res["shape"],
@@ -231,8 +241,11 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
     print(
         f"N = {out['n']}: Ulysses/DSP bytes {out['bytes_ratio_ulysses_vs_dsp']:.2f} "
         f"(theory 8M/N / 2M/N = 4), ring/DSP {out['bytes_ratio_ring_vs_dsp']:.2f} "
-        f"(theory 2(N-1) = {2 * (out['n'] - 1)}), Ulysses/DSP wall "
-        f"{out['wall_ratio_ulysses_vs_dsp']:.2f}"
+        f"(theory 2(N-1) = {2 * (out['n'] - 1)}), Megatron-SP/DSP "
+        f"{out['bytes_ratio_megatron_vs_dsp']:.2f} (theory 1.5(N+1) = {1.5 * (out['n'] + 1)}); "
+        f"wall Ulysses/DSP {out['wall_ratio_ulysses_vs_dsp']:.2f}, ring/DSP "
+        f"{out['wall_ratio_ring_vs_dsp']:.2f}, "
+        f"Megatron-SP/DSP {out['wall_ratio_megatron_vs_dsp']:.2f}"
     )
     if workdir:
         _plot_bench(by_n, os.path.join(workdir, "bytes_and_wall.png"))

@@ -106,6 +106,7 @@ def block_forward(
     heads: int,
     spatial: AttentionFn | None = None,
     temporal: AttentionFn | None = None,
+    ffn: AttentionFn | None = None,
 ) -> jnp.ndarray:
     """One spatial-temporal block on ``x [B, T, S, C]`` with parameters ``p`` (a pure dict).
 
@@ -117,12 +118,14 @@ def block_forward(
       cond: optional conditioning ``[B, D_c]``; requires a block built with ``cond_dim``.
       heads: number of attention heads.
       spatial, temporal: ``(p_attn, h) -> out``; default: the single-device attentions.
+      ffn: ``(p_mlp, h) -> out``; default: :func:`mlp` (token-wise, any layout).
 
     Returns:
       ``x``'s shape and layout.
     """
     spatial = spatial or (lambda pa, h: spatial_attention(pa, h, heads))
     temporal = temporal or (lambda pa, h: temporal_attention(pa, h, heads))
+    ffn = ffn or mlp
     c = x.shape[-1]
     if cond is not None:
         if "ada" not in p:
@@ -140,7 +143,7 @@ def block_forward(
 
     x = x + spatial(p["spatial"], norm(0, x))
     x = x + temporal(p["temporal"], norm(1, x))
-    return x + mlp(p["mlp"], norm(2, x))
+    return x + ffn(p["mlp"], norm(2, x))
 
 
 # ----------------------------------------------------------------------------- NNX modules

@@ -53,7 +53,7 @@ from jaxeff.nn.video import (
     temporal_attention,
 )
 
-METHODS = ("dsp", "ulysses", "ring")
+METHODS = ("dsp", "ulysses", "ring", "megatron")
 
 
 def _axis_size(mesh: jax.sharding.Mesh, axis: str) -> int:
@@ -78,9 +78,11 @@ def _explicit_context() -> bool:
     return not ctx.empty and jax.sharding.AxisType.Explicit in tuple(ctx.axis_types)
 
 
-def _shard_map(local, mesh, params, x, cond, axis):
+def _shard_map(local, mesh, params, x, cond, axis, param_specs=None):
     spec = jax.P(None, axis)
-    in_specs = (jax.tree.map(lambda _: jax.P(), params), spec, None if cond is None else jax.P())
+    if param_specs is None:
+        param_specs = jax.tree.map(lambda _: jax.P(), params)
+    in_specs = (param_specs, spec, None if cond is None else jax.P())
     if _explicit_context():
         params, x, cond = jax.tree.map(jax.reshard, (params, x, cond), in_specs)
     else:
@@ -276,11 +278,98 @@ def ring_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
     return _reshape(y, (b, t, s, c), axis)
 
 
+# ----------------------------------------------------------------------------- Megatron-SP
+
+
+def _gather_sequence(h, axis):
+    # [B, L/N, C] -> [B, L, C]: every device holds the whole sequence
+    return jax.lax.all_gather(h, axis, axis=1, tiled=True)
+
+
+def _scatter_sequence(partial, axis):
+    # [B, L, C] partial sums (one per device) -> their sum, sequence-sharded [B, L/N, C]
+    return jax.lax.psum_scatter(partial, axis, scatter_dimension=1, tiled=True)
+
+
+def _megatron_attention(pa, h, *, frames, head_dim, axis, attend_axis):
+    b, _, c = h.shape
+    full = _gather_sequence(h, axis).reshape(b, frames, -1, c)  # [B, T, S, C]
+    # column-parallel q, k, v: this device's H/N heads
+    q, k, v = ((full @ pa[name]).reshape(full.shape[:-1] + (-1, head_dim)) for name in "qkv")
+    o = attention_core(q, k, v, axis=attend_axis)
+    partial = o.reshape(o.shape[:-2] + (-1,)) @ pa["o"]  # row-parallel: a partial sum
+    return _scatter_sequence(partial.reshape(b, -1, c), axis)
+
+
+def _megatron_mlp(pm, h, *, axis):
+    full = _gather_sequence(h, axis)
+    partial = jax.nn.gelu(full @ pm["up"] + pm["up_bias"]) @ pm["down"]
+    return _scatter_sequence(partial, axis) + pm["down_bias"]
+
+
+def megatron_param_specs(params, axis: str = "seq") -> dict:
+    """PartitionSpecs of the block's parameters under Megatron tensor parallelism: ``q, k, v``
+    and ``up`` split by columns (heads, hidden units), ``o`` and ``down`` by rows, the rest
+    replicated."""
+    col, row = jax.P(None, axis), jax.P(axis, None)
+    specs = jax.tree.map(lambda _: jax.P(), params)
+    for name in ("spatial", "temporal"):
+        specs[name] = {"q": col, "k": col, "v": col, "o": row}
+    specs["mlp"] = {"up": col, "up_bias": jax.P(axis), "down": row, "down_bias": jax.P()}
+    return specs
+
+
+def megatron_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
+    """One block with Megatron-style sequence parallelism (Korthikanti et al., 2022): token-wise
+    layers (norms, residuals) on a ``T*S/N`` sequence shard; before each attention and the MLP
+    an ``all_gather`` of the sequence, tensor-parallel weights (heads and hidden units split over
+    the axis), and a ``reduce_scatter`` of the row-parallel output back to sequence shards.
+
+    Per device per block (forward, XLA's result-size convention): 3 all-gathers of ``M`` and 3
+    reduce-scatters of ``M/N``, ``3M (N+1)/N`` (~8M when spatial and temporal blocks each have
+    their own MLP, as in SPECS.md). Same arguments and result as :func:`dsp_block`; ``T*S``,
+    ``heads`` and the MLP width must divide by the size of ``axis``. The parameter gradients
+    come back split as :func:`megatron_param_specs` says.
+    """
+    n = _axis_size(mesh, axis)
+    b, t, s, c = x.shape
+    _check_divides("T*S (frames * patches)", t * s, n, axis)
+    if heads % n:
+        raise ValueError(
+            f"heads = {heads} must be divisible by the size {n} of mesh axis {axis!r} "
+            "(Megatron splits attention heads)"
+        )
+    if "mlp" in params:
+        _check_divides("MLP width (up.shape[1])", params["mlp"]["up"].shape[1], n, axis)
+    attn = functools.partial(_megatron_attention, frames=t, head_dim=c // heads, axis=axis)
+
+    def local(p, xl, cond_):
+        return block_forward(
+            p,
+            xl,
+            cond_,
+            heads=heads,
+            spatial=functools.partial(attn, attend_axis=2),
+            temporal=functools.partial(attn, attend_axis=1),
+            ffn=functools.partial(_megatron_mlp, axis=axis),
+        )
+
+    specs = megatron_param_specs(params, axis) if params else None
+    y = _shard_map(local, mesh, params, _reshape(x, (b, t * s, c), axis), cond, axis, specs)
+    return _reshape(y, (b, t, s, c), axis)
+
+
 def sequence_parallel_block(
     params, x, cond=None, *, mesh, heads: int, method: str = "dsp", axis: str = "seq"
 ):
-    """Dispatch to :func:`dsp_block`, :func:`ulysses_block` or :func:`ring_block` by name."""
-    fns = {"dsp": dsp_block, "ulysses": ulysses_block, "ring": ring_block}
+    """Dispatch to :func:`dsp_block`, :func:`ulysses_block`, :func:`ring_block` or
+    :func:`megatron_block` by name."""
+    fns = {
+        "dsp": dsp_block,
+        "ulysses": ulysses_block,
+        "ring": ring_block,
+        "megatron": megatron_block,
+    }
     if method not in fns:
         raise ValueError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
     return fns[method](params, x, cond, mesh=mesh, heads=heads, axis=axis)

@@ -19,14 +19,21 @@ def test_dsp_bench_smoke_bytes_follow_the_formulas(tmp_path):
     assert row["dsp"]["bytes_fwd"] == 2 * m // n
     assert row["ulysses"]["bytes_fwd"] == 8 * m // n
     assert row["ring"]["bytes_fwd"] == 2 * 2 * (n - 1) * m // n
+    # Megatron-SP: all-gather the sequence (result M) and reduce-scatter (result M/N) around
+    # each of the two attentions and the MLP
+    assert row["megatron"]["bytes_fwd"] == 3 * (m + m // n)
     # the backward pass repeats the forward's collectives
     for method in sp.METHODS:
         assert row[method]["bytes_fwd_bwd"] == 2 * row[method]["bytes_fwd"]
         assert row[method]["wall_s"] > 0
-    # the parameter-gradient all-reduce is the same for every method and counted apart
-    assert len({row[k]["bytes_param_grad_allreduce"] for k in sp.METHODS}) == 1
+    # the parameter-gradient all-reduce is counted apart: the same for the methods with
+    # replicated weights, smaller for Megatron-SP whose attention and MLP weights are split
+    replicated = {row[k]["bytes_param_grad_allreduce"] for k in ("dsp", "ulysses", "ring")}
+    assert len(replicated) == 1
+    assert row["megatron"]["bytes_param_grad_allreduce"] < replicated.pop()
     assert out["bytes_ratio_ulysses_vs_dsp"] == 4.0
     assert out["bytes_ratio_ring_vs_dsp"] == 2 * (n - 1)
+    assert out["bytes_ratio_megatron_vs_dsp"] == 1.5 * (n + 1)
     assert out["wall_ratio_ulysses_vs_dsp"] == pytest.approx(
         row["ulysses"]["wall_s"] / row["dsp"]["wall_s"]
     )

@@ -109,6 +109,8 @@ MESH = jax.sharding.AbstractMesh((8,), ("seq",))
         (sq.ulysses_block, (1, 6, 5, 16), 8, r"^T\*S .*= 30 does not divide .* size 8$"),
         (sq.ring_block, (1, 6, 5, 16), 8, r"^T\*S .*= 30 does not divide .* size 8$"),
         (sq.ulysses_block, (1, 8, 8, 16), 4, r"^heads = 4 must be divisible by the size 8"),
+        (sq.megatron_block, (1, 6, 5, 16), 8, r"^T\*S .*= 30 does not divide .* size 8$"),
+        (sq.megatron_block, (1, 8, 8, 16), 4, r"^heads = 4 must be divisible by the size 8"),
     ],
 )
 def test_shapes_that_do_not_divide_the_mesh_are_refused(fn, shape, heads, match):
@@ -120,5 +122,6 @@ def test_unknown_axis_and_method_are_refused():
     x = jnp.zeros((1, 8, 8, 16))
     with pytest.raises(ValueError, match="mesh has no axis 'data'; its axes: seq"):
         sq.dsp_block({}, x, mesh=MESH, heads=8, axis="data")
-    with pytest.raises(ValueError, match="method = 'megatron'; allowed: dsp, ulysses, ring"):
-        sq.sequence_parallel_block({}, x, mesh=MESH, heads=8, method="megatron")
+    allowed = "method = 'tensor'; allowed: dsp, ulysses, ring, megatron"
+    with pytest.raises(ValueError, match=allowed):
+        sq.sequence_parallel_block({}, x, mesh=MESH, heads=8, method="tensor")
