@@ -100,7 +100,7 @@ class BenchConfig:
     batch_size: int = 16
     device_counts: tuple[int, ...] = (1, 2, 4, 8)
     modes: tuple[str, ...] = ("data", "fsdp")
-    repeats: int = 5
+    repeats: int = 3
     progress: bool = True
 
 
@@ -110,7 +110,8 @@ def get_compose_config(preset: str) -> ComposeConfig:
             vocab_size=512,
             seq_len=32,
             max_bytes=120_000,
-            max_train_windows=48,
+            max_train_windows=32,
+            mesh=MeshConfig(fsdp=2),
             dim=32,
             n_layers=2,
             n_heads=2,
@@ -123,7 +124,7 @@ def get_compose_config(preset: str) -> ComposeConfig:
             progress=False,
         )
     if preset == "cpu":
-        return ComposeConfig()
+        return ComposeConfig(max_train_windows=768)
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
 
 
