@@ -1,5 +1,7 @@
 """DEPT: vocabulary masks, aggregation masks per variant, the trimmed softmax, embedding sizes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from jaxeff.nn.transformer import Transformer, TransformerConfig
 CFG = TransformerConfig(vocab_size=12, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16)
 
 
+@functools.cache
 def _params():
     return nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
 
@@ -51,18 +54,19 @@ def test_trimmed_softmax_gives_no_gradient_to_rows_outside_the_vocabulary():
     vm = np.zeros(12, bool)
     vm[[0, 1, 3, 4, 5]] = True
     batch = {"tokens": jnp.asarray([[3, 4, 5, 3, 0]]), "vocab_mask": jnp.asarray(vm)}
-    grads = jax.grad(emb.dept_lm_loss(graphdef))(params, batch)
+    grads = jax.jit(jax.grad(emb.dept_lm_loss(graphdef)))(params, batch)
     g = np.asarray(emb.embedding_of(grads))
     assert np.all(g[~vm] == 0.0)
     assert np.all(np.abs(g[[3, 4, 5]]).sum(axis=1) > 0)
     # the loss is the cross-entropy of a softmax over the kept rows only (written out)
-    model = nnx.merge(graphdef, params)
-    logits = np.asarray(model(batch["tokens"][:, :-1]))[0][:, vm]
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, batch["tokens"][:, :-1])
+    logits = np.asarray(logits)[0][:, vm]
     kept = np.flatnonzero(vm)
     targets = [list(kept).index(t) for t in [4, 5, 3, 0]]
     logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     ref = -np.mean(logp[np.arange(4), targets])
-    np.testing.assert_allclose(float(emb.dept_lm_loss(graphdef)(params, batch)), ref, rtol=1e-5)
+    loss = jax.jit(emb.dept_lm_loss(graphdef))(params, batch)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
 
 
 def test_spec_client_params_pad_fresh_tables_and_share_the_body():
@@ -94,7 +98,7 @@ def test_local_adam_step_leaves_masked_rows_untouched():
     vm[:6] = True
     batch = {"tokens": jnp.asarray([[2, 3, 4, 5, 2]]), "vocab_mask": jnp.asarray(vm)}
     tx = optax.sgd(0.1)
-    grads = jax.grad(emb.dept_lm_loss(graphdef))(params, batch)
+    grads = jax.jit(jax.grad(emb.dept_lm_loss(graphdef)))(params, batch)
     new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
     before, after = np.asarray(emb.embedding_of(params)), np.asarray(emb.embedding_of(new))
     np.testing.assert_array_equal(before[6:], after[6:])
