@@ -61,21 +61,21 @@ class FinetuneConfig:
     """
 
     model: str = "smollm2"
-    train_items: int = 320
-    test_items: int = 48
+    train_items: int = 192
+    test_items: int = 32
     lang: str = "en"
     detectbench_path: str = ""
     method: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    seq_len: int = 192
+    seq_len: int = 224
     batch_size: int = 2
-    steps: int = 160
+    steps: int = 96
     learning_rate: float = 1e-3
     warmup_steps: int = 10
     max_new_tokens_plain: int = 24
-    max_new_tokens_prompt: int = 96
+    max_new_tokens_prompt: int = 64
     max_new_tokens_finetune: int = 64
     gen_batch_size: int = 16
     heldout_items: int = 16
@@ -91,7 +91,7 @@ def get_config(preset: str) -> FinetuneConfig:
             train_items=8,
             test_items=4,
             steps=3,
-            seq_len=192,
+            seq_len=224,
             batch_size=2,
             max_new_tokens_plain=4,
             max_new_tokens_prompt=4,

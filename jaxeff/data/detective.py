@@ -8,7 +8,8 @@ How an item is made (`make_puzzle`, all choices from one ``random.Random(seed)``
 2. The culprit's number is the *target*; the other three are *distractors* close to it: its
    digits swapped, +-1, +-10 (falling back to random numbers when these collide or leave
    10..99), so that reading the number carelessly points to a wrong suspect.
-3. The context says, in shuffled order, ``"<Name> uses locker <digits>."`` for each suspect,
+3. The context says, in shuffled order, ``"Locker <digits> belongs to <Name>."`` for each
+   suspect (number before name: finding the owner is then a look-up followed by a copy),
    one irrelevant sentence (``"<Name> arrived at <hour> o'clock."``) and the key clue with the
    number written out in words by ``num2words`` (the shipped multilingual number data)::
 
@@ -81,8 +82,8 @@ def make_puzzle(seed: int, lang: str = "en") -> Item:
     lockers = dict(zip(names, [target, *_distractors(target, rng, N_OPTIONS - 1)], strict=True))
     words = number_words(target, lang)
     clue = f"The stolen {obj} was found in locker {words}."
-    owner = f"{culprit} uses locker {target}."
-    sentences = [f"{n} uses locker {lockers[n]}." for n in names]
+    owner = f"Locker {target} belongs to {culprit}."
+    sentences = [f"Locker {lockers[n]} belongs to {n}." for n in names]
     sentences.append(f"{rng.choice(names)} arrived at {rng.randint(1, 12)} o'clock.")
     rng.shuffle(sentences)
     sentences.insert(rng.randint(0, len(sentences)), clue)

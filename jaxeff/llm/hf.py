@@ -76,7 +76,7 @@ def _flat_params(model: Transformer) -> dict[str, np.ndarray]:
     out = {}
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = ".".join(str(p) for p in path if str(p) != "value")
-        out[name] = np.asarray(value[...] if hasattr(value, "value") else value, np.float32)
+        out[name] = np.asarray(value[...], np.float32)
     return out
 
 
