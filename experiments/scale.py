@@ -124,7 +124,7 @@ def get_compose_config(preset: str) -> ComposeConfig:
             progress=False,
         )
     if preset == "cpu":
-        return ComposeConfig(max_train_windows=768)
+        return ComposeConfig(max_train_windows=384)
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
 
 
