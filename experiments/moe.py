@@ -113,7 +113,7 @@ class TokenCrisisConfig:
     arch: ArchConfig = ArchConfig(
         dim=96, n_layers=2, n_heads=4, ffn_dim=192, moe=MoEParams(expert_dim=96)
     )
-    steps: int = 320
+    steps: int = 256
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -239,6 +239,19 @@ def model_configs(arch: ArchConfig, vocab_size: int, seq_len: int, dropout: floa
     return {"moe": moe_cfg, "dense": dataclasses.replace(base, ffn_dim=dense_ffn)}
 
 
+def init_model(mcfg, seed: int):
+    """``(graphdef, params)`` of a Transformer, initialised under one ``jit`` (eager
+    initialisation compiles one small program per parameter shape)."""
+    import jax
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+    params = jax.jit(lambda: nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=seed)))[1])()
+    return graphdef, params
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -336,12 +349,10 @@ def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = F
     import tempfile
 
     import numpy as np
-    from flax import nnx
 
     from jaxeff import config as config_lib
     from jaxeff.data.packing import build_lm_data, make_loader
     from jaxeff.evals import moe_routing as mr
-    from jaxeff.nn.transformer import Transformer
     from jaxeff.train.loop import LoopConfig, evaluate, fit, make_eval_step, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.metrics import MetricsWriter
@@ -383,11 +394,14 @@ def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = F
     results, curves, snapshots = {}, {}, []
     for name in MODELS:
         mcfg = configs[name]
-        graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=cfg.seed)))
+        graphdef, params = init_model(mcfg, cfg.seed)
         tx = lm.make_optimizer(cfg.optim, t.steps)
         state = create_train_state(params, tx, cfg.seed)
         eval_step = make_eval_step(graphdef, causal_lm_loss)
-        routing = _routing_fn(graphdef) if name == "moe" else None
+        if name == "moe":
+            routing = moe_routing = _routing_fn(graphdef)
+        else:
+            routing = None
 
         def eval_fn(p, eval_step=eval_step, routing=routing):
             if routing is not None:
@@ -415,7 +429,7 @@ def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = F
 
     # ---- routing analyses on the final MoE model
     moe_params = results["moe"]["params"]
-    routing = _routing_fn(nnx.split(Transformer(configs["moe"], rngs=nnx.Rngs(0)))[0])
+    routing = moe_routing
     final = routing(moe_params, analysis)
     final_train_cap = routing(moe_params, analysis, True)
     final_instruct = routing(moe_params, instruct)
@@ -538,14 +552,18 @@ def dropout_schedule(setting: str, steps: int) -> list[tuple[int, float]]:
     return [(0, rate)]
 
 
-def repeated_order(n_unique: int, total: int, seed: int):
-    """Indices of ``total`` windows drawn epoch by epoch from ``0..n_unique-1``, each epoch a
-    fresh permutation: every window is seen ``total / n_unique`` times."""
+def repeated_order(n_unique: int, total: int, seed: int, pool=None):
+    """Indices of ``total`` windows drawn epoch by epoch from ``pool[:n_unique]`` (default
+    ``0..n_unique-1``), each epoch a fresh permutation: every window is seen
+    ``total / n_unique`` times."""
     import numpy as np
 
+    pool = np.arange(n_unique) if pool is None else np.asarray(pool)[:n_unique]
+    if len(pool) < n_unique:
+        raise ValueError(f"repeated_order: pool of {len(pool)} windows, need {n_unique}")
     rng = np.random.default_rng(seed)
     epochs = -(-total // n_unique)
-    return np.concatenate([rng.permutation(n_unique) for _ in range(epochs)])[:total]
+    return np.concatenate([pool[rng.permutation(n_unique)] for _ in range(epochs)])[:total]
 
 
 def _plot_token_crisis(val_loss, repeats_log2, path):
@@ -617,6 +635,8 @@ def run_token_crisis(
     if total >> max(cfg.repeats_log2) < cfg.batch_size:
         raise ValueError(f"2^{max(cfg.repeats_log2)} repeats leave fewer windows than a batch")
     train_tokens = data.train.tokens
+    # nested random subsets: the unique set of j+1 is half of that of j, from every document
+    pool = np.random.default_rng(cfg.seed).permutation(len(train_tokens))
     val = list(lm.val_batches(data, cfg.batch_size, cfg.eval_batches))
     rates = sorted({r for s in schedules.values() for _, r in s})
     optim = lm.OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps)
@@ -632,15 +652,17 @@ def run_token_crisis(
                 r: model_configs(cfg.arch, data.vocab_size, d.seq_len, dropout=r)[model]
                 for r in rates
             }
-            graphdefs, init = {}, None
-            for r, mcfg in by_rate.items():
-                graphdefs[r], params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(cfg.seed)))
-                init = params if init is None else init
+            # dropout changes the graph only: one set of initial weights for every rate
+            _, init = init_model(by_rate[rates[0]], cfg.seed)
+            graphdefs = {
+                r: nnx.split(nnx.eval_shape(lambda c=c: Transformer(c, rngs=nnx.Rngs(0))))[0]
+                for r, c in by_rate.items()
+            }
             # one compiled step per dropout rate, reused by every j and by the mid switch
             steps = {r: make_train_step(g, tx, causal_lm_loss) for r, g in graphdefs.items()}
             eval_step = make_eval_step(graphdefs[rates[0]], causal_lm_loss)
             for j in cfg.repeats_log2:
-                order = repeated_order(total >> j, total, cfg.seed + j)
+                order = repeated_order(total >> j, total, cfg.seed + j, pool)
                 for setting, schedule in schedules.items():
                     state = create_train_state(jax.tree.map(np.copy, init), tx, cfg.seed)
                     for i in range(cfg.steps):

@@ -1,7 +1,6 @@
 """jaxeff.nn.moe against plain NumPy loops of OpenMoE's rules, and its decoder integration."""
 
 import dataclasses
-import math
 import subprocess
 import sys
 import textwrap
@@ -123,7 +122,8 @@ def test_top1_assignments_are_served_before_top2():
 def test_einsum_path_matches_numpy_reference(convention):
     cfg = dataclasses.replace(CFG, capacity_convention=convention, min_capacity=0)
     params, x = _layer_and_input(cfg=cfg)
-    y, aux, r = moe.moe_apply(params, x, cfg, train=True)
+    apply = jax.jit(moe.moe_apply, static_argnames=("cfg", "train"))
+    y, aux, r = apply(params, x, cfg=cfg, train=True)
     capacity = cfg.capacity(x.shape[1], True)
     want, idx, kept = _np_moe(params, x, cfg, capacity)
     np.testing.assert_array_equal(np.asarray(r.kept), kept)
@@ -261,7 +261,7 @@ def test_moe_lm_trains_with_the_train_step():
     state = create_train_state(params, tx, 0)
     tokens = np.tile(np.arange(10, dtype=np.int32), (4, 1))  # a pattern to memorise
     first = None
-    for _ in range(15):
+    for _ in range(10):
         state, m = step(state, {"tokens": tokens})
         first = first if first is not None else float(m["loss"])
     assert float(m["loss"]) < first - 1.0
@@ -314,13 +314,7 @@ def test_expert_parallel_on_8_devices_equals_one_device():
 
 
 def test_expert_parallel_refuses_shapes_that_do_not_divide():
-    mesh = jax.make_mesh((1,), ("expert",))
-    params, x = _layer_and_input()
-    # a one-device mesh runs; the error path is checked on the arithmetic alone
-    y, _, _ = moe.moe_expert_parallel(params, x, CFG, mesh, train=False)
-    ref, _, _ = moe.moe_apply(params, x, CFG, train=False)
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-    fake = type("M", (), {"shape": {"expert": 3}})()
-    with pytest.raises(ValueError, match="must divide by it"):
-        moe.moe_expert_parallel(params, x, CFG, fake, train=False)
-    assert math.isfinite(float(jnp.sum(y)))
+    params, x = _layer_and_input()  # 4 experts, 3 groups
+    mesh = type("Mesh", (), {"shape": {"expert": 2}})()  # the check runs before any device use
+    with pytest.raises(ValueError, match="groups=3 must divide by it"):
+        moe.moe_expert_parallel(params, x, CFG, mesh, train=False)
