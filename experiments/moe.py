@@ -27,6 +27,11 @@ JSON: ``ppl_moe``, ``ppl_dense``, ``token_id_routing_agreement``, ``early_routin
 ``routing_agreement_by_step``, ``drop_rate_by_input``, ``params`` (total and active per model)
 and ``by_layer``. Plots: ``val_loss.png``, ``routing.png``.
 
+Measured here (cpu preset): token-id agreement 0.76 vs baseline 0.19 and drop rate 0.04 ->
+0.23 from the first to the last quarter (both findings reproduced); agreement at step 80 of
+320 with the final routing 0.22 (early routing learning not reproduced: the router is still
+moving in so short a run); perplexity MoE 79.2 vs dense 62.6.
+
 ``token-crisis``: a fixed budget of training tokens (``steps x batch x seq_len``) drawn from a
 unique set shrunk by ``2^j`` (j = 0..4), so each window repeats ``2^j`` times; every (j, model,
 dropout) cell trains from the same initial weights with dropout 0, 0.1, 0.3, or 0 for the first
@@ -42,6 +47,11 @@ best dropout is also the dense model's), ``dense_regret_with_moe_choice`` (dense
 MoE's choice minus the dense best, mean over j) and ``repetition_penalty`` ``[model]`` (loss at
 the largest j minus at j = 0, dropout 0).
 
+Measured here (cpu preset, 262k tokens per cell): 16x repetition costs +0.41 (MoE) / +0.63
+(dense) nats; dropout hurts on fresh data and helps only at 16x, most when switched on
+mid-training (MoE 4.90 vs 5.04, dense 4.89 vs 5.05); the MoE's best dropout is the dense
+model's at every j.
+
 ``moe-bench``: training tokens/s (forward + backward of one MoE layer, jitted) of the
 dispatch/combine einsum path and of the grouped-matmul path (``jax.lax.ragged_dot``; the Pallas
 megablox ``gmm`` is a TPU kernel that runs only in interpret mode elsewhere, whose timings mean
@@ -51,7 +61,9 @@ against one of those devices, in a subprocess. Ratios from one run, side by side
     jaxeff run moe-bench --preset cpu
 
 JSON: ``einsum_tok_s``, ``gmm_tok_s``, ``gmm_vs_einsum``, ``gmm_implementation``,
-``ep_tok_s``, ``ep_single_tok_s``, ``ep_vs_single``.
+``ep_tok_s``, ``ep_single_tok_s``, ``ep_vs_single``. Measured here: ``gmm_vs_einsum`` 0.087
+(XLA:CPU lowers ``ragged_dot`` far slower than the dense einsums), ``ep_vs_single`` 0.87 (8
+simulated devices on 2 cores).
 
 References: Xue et al., OpenMoE, ICML 2024 (https://arxiv.org/abs/2402.01739); Xue et al., To
 Repeat or Not To Repeat: Insights from Scaling LLM under Token-Crisis, NeurIPS 2023
