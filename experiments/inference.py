@@ -57,6 +57,9 @@ class KnnMTConfig:
     a_min: float = 0.4
     gate_steps: int = 400
     focal_gamma: float = 2.0
+    focal_alpha: float = -1.0  # weight of the "retrieve" class; -1: balanced (1 - its rate)
+    general_in_datastore: bool = True  # the datastore also holds the general-domain text
+    timing_repeats: int = 2  # kNN and DR decode this often; the fastest counts
     decode_batch: int = 256
     domains: tuple[str, ...] = ADAPT_DOMAINS
     seed: int = 0
@@ -75,6 +78,7 @@ def get_knn_config(preset: str) -> KnnMTConfig:
             steps=30,
             gate_steps=20,
             decode_batch=32,
+            timing_repeats=1,
             progress=False,
         )
     if preset == "cpu":
@@ -144,7 +148,10 @@ def run_knn_mt(cfg: KnnMTConfig, workdir: str | None = None, resume: bool = Fals
         progress=cfg.progress,
     )
 
-    store = knnmt.teacher_forced(model, enc([p for s in splits.values() for p in s["store"]]))
+    store_pairs = [p for s in splits.values() for p in s["store"]]
+    store = knnmt.teacher_forced(
+        model, enc(store_pairs + (general if cfg.general_in_datastore else []))
+    )
     datastore = knnmt.Datastore(store["state"], store["gold"])
     dev = knnmt.teacher_forced(model, enc([p for s in splits.values() for p in s["dev"]]))
     d_, v_ = datastore.search(dev["state"], cfg.k)
@@ -153,7 +160,12 @@ def run_knn_mt(cfg: KnnMTConfig, workdir: str | None = None, resume: bool = Fals
     p_knn_gold, p_nmt_gold = p_knn[rows, dev["gold"]], dev["p_nmt"][rows, dev["gold"]]
     labels = knnmt.dr_labels(dev["p_nmt"].argmax(-1), dev["gold"], p_knn_gold)
     classifier = knnmt.train_skip_classifier(
-        dev["features"], labels, steps=cfg.gate_steps, gamma=cfg.focal_gamma, seed=cfg.seed
+        dev["features"],
+        labels,
+        steps=cfg.gate_steps,
+        gamma=cfg.focal_gamma,
+        alpha="balanced" if cfg.focal_alpha < 0 else cfg.focal_alpha,
+        seed=cfg.seed,
     )
     lam_gate = knnmt.train_lambda_predictor(
         dev["features"], p_knn_gold, p_nmt_gold, steps=cfg.gate_steps, seed=cfg.seed
@@ -176,15 +188,20 @@ def run_knn_mt(cfg: KnnMTConfig, workdir: str | None = None, resume: bool = Fals
     knnmt.translate(model, enc(test_src[:1])["src"], "nmt", batch_size=cfg.decode_batch)
     for m in knnmt.METHODS:
         for d in cfg.domains:
-            out = knnmt.translate(
-                model,
-                enc(splits[d]["test"])["src"],
-                m,
-                datastore=datastore,
-                cfg=kcfg,
-                gate=gates.get(m),
-                batch_size=cfg.decode_batch,
-            )
+            repeats = max(cfg.timing_repeats, 1) if m in ("knn", "dr") else 1
+            outs = [
+                knnmt.translate(
+                    model,
+                    enc(splits[d]["test"])["src"],
+                    m,
+                    datastore=datastore,
+                    cfg=kcfg,
+                    gate=gates.get(m),
+                    batch_size=cfg.decode_batch,
+                )
+                for _ in range(repeats)
+            ]
+            out = min(outs, key=lambda o: o["seconds"])
             results[m]["hyps"][d] = [tgt_vocab.decode(ids) for ids in out["ids"]]
             for key in ("steps", "retrieved", "seconds"):
                 results[m][key] += out[key]

@@ -201,11 +201,15 @@ def timestep_threshold(t, length: float, a_min: float = 0.4) -> np.ndarray:
 # --------------------------------------------------------------------------- the two gates
 
 
-def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0) -> jax.Array:
-    """Mean ``-(1 - p_y)^gamma log p_y`` (Lin et al., 2017); ``gamma = 0`` is cross-entropy."""
+def focal_loss(
+    logits: jax.Array, labels: jax.Array, gamma: float = 2.0, alpha: float | None = None
+) -> jax.Array:
+    """Mean ``-a_y (1 - p_y)^gamma log p_y`` (Lin et al., 2017) with ``a_1 = alpha``,
+    ``a_0 = 1 - alpha`` (``alpha=None``: 1 for both); ``gamma = 0`` is cross-entropy."""
     logp = jax.nn.log_softmax(logits, -1)
     logp_y = jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]
-    return jnp.mean(-((1 - jnp.exp(logp_y)) ** gamma) * logp_y)
+    weight = 1.0 if alpha is None else jnp.where(labels == 1, alpha, 1.0 - alpha)
+    return jnp.mean(-weight * (1 - jnp.exp(logp_y)) ** gamma * logp_y)
 
 
 class GateMLP(nnx.Module):
@@ -249,13 +253,16 @@ def _fit(gate: GateMLP, loss_fn, feats, targets, steps, batch_size, lr, seed):
 
 
 def train_skip_classifier(
-    features, labels, *, steps=600, batch_size=256, lr=3e-3, gamma=2.0, seed=0
+    features, labels, *, steps=600, batch_size=256, lr=3e-3, gamma=2.0, alpha=None, seed=0
 ) -> GateMLP:
-    """kNN-MT-DR's classifier (focal loss); ``probability`` of class 1 = "retrieve"."""
+    """kNN-MT-DR's classifier (focal loss); `gate_output` is P(class 1) = P("retrieve").
+    ``alpha="balanced"`` weighs class 1 by the fraction of class 0."""
+    if alpha == "balanced":
+        alpha = float(1.0 - np.mean(labels))
     gate = GateMLP(2, rngs=nnx.Rngs(seed))
     return _fit(
         gate,
-        lambda lg, y: focal_loss(lg, y, gamma),
+        lambda lg, y: focal_loss(lg, y, gamma, alpha),
         features,
         labels,
         steps,
