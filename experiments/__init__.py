@@ -4,4 +4,17 @@ Each module defines ``EXPERIMENTS = {"cli-name": jaxeff.experiment.Experiment(..
 jax imports inside ``run`` so that ``jaxeff list`` stays instant. Add new modules to MODULES.
 """
 
-MODULES = ("lm", "generate_bench", "rope_extension", "helen_ctr", "came", "data_efficiency")
+MODULES = (
+    "lm",
+    "generate_bench",
+    "rope_extension",
+    "helen_ctr",
+    "came",
+    "data_efficiency",
+    "federated",
+    "moe",
+    "finetune",
+    "sequence_parallel",
+    "scale",
+    "inference",
+)
