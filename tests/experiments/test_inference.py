@@ -22,3 +22,23 @@ def test_knn_mt_smoke_contract(tmp_path):
     rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     assert [r["method"] for r in rows] == ["nmt", "knn", "adaptive", "dr"]
     assert os.path.exists(os.path.join(tmp_path, "examples.json"))
+
+
+def test_seq_schedule_smoke_contract(tmp_path):
+    cfg = inf.get_seq_config("smoke")
+    out = inf.run_seq_schedule(cfg, workdir=str(tmp_path))  # raises if outputs differ from FCFS
+    keys = ("throughput_ratio_vs_fcfs", "oracle_ratio_vs_fcfs", "pred_mae", "pred_within_50")
+    for key in keys:
+        assert key in out, key
+    assert out["throughput_ratio_vs_fcfs"] > 0 and out["oracle_ratio_vs_fcfs"] > 0
+    assert 0.0 <= out["pred_within_50"] <= 1.0 and 0.0 <= out["recompute_rate"] <= 1.0
+    assert set(out["tokens_per_s"]) == {"fcfs", "scheduled", "oracle"}
+    # FCFS serves n_test requests in batches of token_budget // max_new_tokens
+    assert out["batches"]["fcfs"] == -(-cfg.n_test // (cfg.token_budget // cfg.max_new_tokens))
+    assert len(read_metrics(os.path.join(tmp_path, "metrics.jsonl"))) == 3
+
+
+def test_instruction_set_is_distinct_and_real():
+    texts = inf.instruction_set(30, seed=1)
+    assert len(set(texts)) == 30
+    assert any("`json`" in t or "`lambda`" in t or "`" in t for t in texts)
