@@ -18,9 +18,9 @@ def test_compose_smoke_runs_every_arm_and_reports_deltas(tmp_path):
     for p in parts:
         want = summary["val_ppl_without"][p] - summary["val_ppl"]
         assert summary["ablation_delta"][p] == pytest.approx(want)
-    # sharding moves the arithmetic, not the result: the mesh part changes nothing
-    assert abs(summary["ablation_delta"]["mesh"]) < 1e-3 * summary["val_ppl"]
-    assert summary["devices"] == 2
+    # the smoke preset's mesh is one device: the "mesh" part is a no-op there
+    assert summary["ablation_delta"]["mesh"] == 0.0
+    assert summary["devices"] == 1
     # InfoBatch prunes well-learned windows in its second epoch: fewer steps than full data
     assert summary["train_steps"]["all"] < summary["train_steps"]["no_infobatch"]
     assert summary["train_steps"]["no_mesh"] == summary["train_steps"]["all"]
