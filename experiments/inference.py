@@ -9,8 +9,15 @@ every step), the adaptive-retrieval baseline (a lambda MLP with a fixed threshol
 BLEU and chrF (sacrebleu), the fraction of decoding steps that search the datastore, wall time.
 The two gates train on a held-out in-domain dev split that is not in the datastore.
 
-    jaxeff run knn-mt --preset cpu     # a few minutes on 2 cores
+    jaxeff run knn-mt --preset cpu     # ~8 min on 2 shared cores
     jaxeff run knn-mt --preset smoke   # seconds; what the tests run
+
+Measured (cpu preset, 60,618 datastore entries): BLEU NMT 27.1, kNN-MT 66.9, adaptive 72.8
+(retrieves at every step: its lambda never falls below 0.5 in-domain), kNN-MT-DR 52.8 retrieving
+at 51% of steps, 1.22x faster than kNN-MT. kNN-MT's +39.7 meets its goal; DR misses all three
+of its goals (rate 0.51 vs 0.5, -14 BLEU vs within 0.5, 1.22x vs 1.3x): the classifier skips
+steps where the cardinal-trained NMT is confidently wrong on the new domain, and the decoder
+(full recompute of the prefix every step) costs about as much as the search.
 
 Goals: ``bleu_knn`` >= ``bleu_nmt`` + 3; ``retrieval_rate_dr`` <= 0.5 with ``bleu_dr`` within
 0.5 of ``bleu_knn`` and ``speedup_dr_vs_knn`` >= 1.3. JSON: ``bleu_nmt``, ``bleu_knn``,
