@@ -19,12 +19,17 @@ to a DetectBench JSONL file, the same three are also scored on its items (the fi
 is still the one trained on generated puzzles) and the top-level values are the mean over the
 two data sets, the detail under ``by_dataset``.
 
-    jaxeff run detective-finetune --preset cpu     # ~15 min on 2 shared cores
+    jaxeff run detective-finetune --preset cpu     # 22 min on 2 cores shared at load ~12
     jaxeff run detective-finetune --preset smoke   # a tiny random Llama; what the tests run
 
 The paper's claim: fine-tuning a weaker model on evidence chains beats both its plain and its
-Detective-prompted answers. Expected here: fine-tuning raises accuracy clearly above the
-plain prompt; the 135M model cannot follow the four-stage prompt, which is no better than plain.
+Detective-prompted answers. Measured here (cpu preset, 32 test puzzles): accuracy plain 0.156,
+Detective prompt 0.312, fine-tuned 0.281; evidence F1 0.130 / 0.182 / 0.714; held-out loss per
+assistant token 1.90 -> 0.033. The fine-tuned chain names the right suspect in 29 of 32 replies,
+but the answer letter it writes is always (A), and the letter is what `parse_answer` reads
+first: 96 steps taught the look-up, not the name-to-letter mapping. An earlier format with the
+name before the number (``"Hugo uses locker 87."``) was not learned at all in 160 steps
+(fine-tuned 0.125, always (C)).
 
 Run files: the LoRA adapter alone (``adapter/``, orbax) and the merged model as an HF Llama
 checkpoint (``hf/``, safetensors), ``metrics.jsonl`` of the fine-tuning, ``replies.jsonl``
