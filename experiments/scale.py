@@ -24,8 +24,9 @@ the part helps::
 JSON: ``val_ppl`` (all parts on), ``ablation_delta`` and ``val_ppl_without`` (by part),
 ``train_steps`` and ``wall_s`` (by arm: ``all`` and ``no_<part>``), ``parts``, ``devices``.
 Measured here (cpu preset): val_ppl 280.2; deltas SAM +24.3, MoE -4.8, CAME -20.7, InfoBatch
--25.7 (78 vs 96 steps), mesh -6.6 (numerical drift through discrete routing and pruning
-decisions, not a systematic effect): at this budget only SAM pays off.
+-25.7 (78 vs 96 steps), mesh -6.6 (numerical drift, not a systematic effect: CAME amplifies
+f32 rounding of the gradient sum, see the README; AdamW runs agree to 1e-7): at this budget only
+SAM pays off.
 
 ``scale-bench``: the same model, global batch and data on 1, 2, 4 and 8 simulated CPU devices,
 with ``data`` (replicated model) and ``fsdp`` (sharded params and optimizer state) meshes: the
