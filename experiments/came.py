@@ -176,25 +176,6 @@ def state_bytes(tx, params) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
-def plot_val_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in curves.items():
-        ax.plot(*zip(*pts, strict=True), "o-", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.set_title("came-lm: same model, tokens and schedule shape")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run(cfg: CameLMConfig, workdir: str | None = None, resume: bool = False) -> dict:
     import math
     import tempfile
@@ -204,6 +185,7 @@ def run(cfg: CameLMConfig, workdir: str | None = None, resume: bool = False) -> 
 
     from jaxeff import config as config_lib
     from jaxeff.data.packing import make_loader
+    from jaxeff.plots import plot_val_curves
     from jaxeff.train.loop import LoopConfig, evaluate, fit, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.metrics import MetricsWriter
@@ -285,7 +267,11 @@ def run(cfg: CameLMConfig, workdir: str | None = None, resume: bool = False) -> 
         + [(r["step"], r["loss"]) for r in records_by_opt[name] if r["split"] == "val"]
         for name in cfg.optimizers
     }
-    plot_val_curves(curves, os.path.join(workdir, "val_loss.png"))
+    plot_val_curves(
+        curves,
+        os.path.join(workdir, "val_loss.png"),
+        "came-lm: same model, tokens and schedule shape",
+    )
 
     def per_opt(key):
         return {name: results[name][key] for name in cfg.optimizers}

@@ -322,20 +322,12 @@ def _routing_fn(graphdef):
 def _plot_openmoe(curves, agreement, drops, path_loss, path_routing):
     import matplotlib
 
+    from jaxeff.plots import plot_val_curves
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in curves.items():
-        ax.plot(*zip(*pts, strict=True), "o-", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.set_title("openmoe: MoE vs dense of equal active parameters")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path_loss, dpi=100)
-    plt.close(fig)
+    plot_val_curves(curves, path_loss, "openmoe: MoE vs dense of equal active parameters")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     steps, values = zip(*agreement, strict=True)

@@ -1,0 +1,28 @@
+"""Plots shared by the experiments (matplotlib, Agg backend, imported lazily)."""
+
+from __future__ import annotations
+
+
+def plot_val_curves(
+    curves: dict[str, list[tuple[int, float]]],
+    path: str,
+    title: str,
+    ylabel: str = "validation cross-entropy (nats/token)",
+) -> None:
+    """One line per run of ``(step, value)`` points, saved as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        ax.plot(*zip(*pts, strict=True), "o-", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
