@@ -726,7 +726,8 @@ def run_token_crisis(
 
 _EP_BENCH = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
+from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(%d)
 from jaxeff.experiments.moe import BenchConfig, _time_layer
 cfg = BenchConfig(**json.loads(sys.argv[1]))
 import jax

@@ -176,8 +176,8 @@ def in_child(function: str, cfg, devices: int, workdir: str | None) -> dict:
 
     script = (
         "import os, json, sys\n"
-        f"os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + "
-        f"' --xla_force_host_platform_device_count={devices}'\n"
+        "from jaxeff.parallel.multiprocess import simulated_devices_xla_flags as flags\n"
+        f"os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + flags({devices})\n"
         "from jaxeff import config as c\n"
         "from jaxeff.experiments import scale as s\n"
         f"cfg = c.from_dict(s.{type(cfg).__name__}, json.loads(sys.argv[1]))\n"

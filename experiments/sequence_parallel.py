@@ -112,7 +112,8 @@ def _on_devices(fn_name: str, cfg, n_devices: int) -> dict:
     fields = json.dumps(dataclasses.asdict(cfg))
     script = (
         "import os, json, sys\n"
-        f"os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={n_devices}'\n"
+        "from jaxeff.parallel.multiprocess import simulated_devices_xla_flags as flags\n"
+        f"os.environ['XLA_FLAGS'] = flags({n_devices})\n"
         "from jaxeff.experiments import sequence_parallel as m\n"
         f"cfg = m.{type(cfg).__name__}(**m._tuples(json.loads(sys.argv[1])))\n"
         f"print('RESULT ' + json.dumps(m.{fn_name}(cfg)))\n"

@@ -39,6 +39,20 @@ ENV_AUTO = "JAXEFF_DISTRIBUTED"
 _JOINED: tuple[int, int] | None = None
 
 
+# XLA:CPU aborts a program whose simulated devices wait more than 40 s for each other at a
+# collective; on a loaded 2-core machine 8 device threads can fall that far apart.
+COLLECTIVE_TIMEOUT_FLAGS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+    "--xla_cpu_collective_timeout_seconds=600"
+)
+
+
+def simulated_devices_xla_flags(n: int) -> str:
+    """``XLA_FLAGS`` for ``n`` simulated CPU devices with patient collectives; set it before
+    jax is imported."""
+    return f"--xla_force_host_platform_device_count={int(n)} {COLLECTIVE_TIMEOUT_FLAGS}"
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -81,7 +95,7 @@ def initialize_from_env() -> tuple[int, int]:
     local = os.environ.get(ENV_LOCAL_DEVICES)
     if local:
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(local)}"
+        os.environ["XLA_FLAGS"] = f"{flags} {simulated_devices_xla_flags(int(local))}"
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -271,7 +271,8 @@ def test_moe_lm_trains_with_the_train_step():
 EP_SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+    os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(8)
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jaxeff.nn import moe

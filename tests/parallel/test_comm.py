@@ -48,7 +48,8 @@ def test_parser_sums_tuple_chunks_and_multiplies_by_trip_count():
 SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+    os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(8)
     import jax, jax.numpy as jnp
     from flax import nnx
     from jaxeff.nn.video import STBlock, block_params

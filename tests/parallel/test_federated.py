@@ -16,7 +16,8 @@ from jaxeff.parallel import federated as fed
 SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+    os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(4)
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
     from jaxeff.nn import embeddings as emb

@@ -12,7 +12,8 @@ from jaxeff.parallel.mesh_config import MeshConfig
 SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+    os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(8)
     import jax, numpy as np, optax
     from flax import nnx
     from jaxeff.nn.transformer import Transformer, TransformerConfig, param_logical_axes

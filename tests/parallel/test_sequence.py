@@ -15,7 +15,8 @@ from jaxeff.parallel import sequence as sq
 SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+    os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(8)
     import functools
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx

@@ -7,7 +7,8 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
+    os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(4)
     import jax, numpy as np, optax
     from flax import nnx
     from jax.sharding import NamedSharding
