@@ -82,6 +82,27 @@ def test_masks_really_mask():
     np.testing.assert_array_equal(out2[1], out[1])
 
 
+@pytest.mark.parametrize("length, block_q, block_k", [(5, 64, 64), (27, 16, 8)])
+def test_odd_lengths_are_padded_under_jit(length, block_q, block_k):
+    """L smaller than a block (blocks shrink) or not a multiple of it (padding); bq > bk."""
+    q, k, v = _qkv(jnp.float32, seed=4, shape=(1, 2, length, 8))
+    seg = jnp.asarray([[0] * (length // 2) + [1] * (length - length // 2)])
+
+    def loss(impl):
+        def f(q, k, v):
+            out = api.attention(
+                q, k, v, seg, causal=True, block_q=block_q, block_k=block_k, implementation=impl
+            )
+            return jnp.sum(jnp.sin(out))
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    (val, grads), (want_val, want_grads) = loss("pallas"), loss("xla")
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 def test_default_implementation_on_cpu_is_xla():
     q, k, v = _qkv(jnp.float32)
     np.testing.assert_array_equal(api.attention(q, k, v), reference.attention(q, k, v))
