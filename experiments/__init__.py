@@ -17,4 +17,5 @@ MODULES = (
     "sequence_parallel",
     "scale",
     "inference",
+    "mod",
 )
