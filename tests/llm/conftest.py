@@ -1,33 +1,10 @@
-"""SmolLM2 loaded once per test session: jaxeff's import and, as the independent reference, Hugging
-Face transformers reading the same GGUF file."""
+"""Hugging Face transformers reading the same GGUF file as jaxeff, the independent reference (the
+`smollm2_path` and `smollm2` fixtures live in tests/conftest.py, shared by every test folder)."""
 
 import contextlib
 import os
 
 import pytest
-
-
-def _smollm2_path() -> str:
-    pytest.importorskip("gguf")
-    from jaxeff.llm.gguf import smollm2_path
-
-    try:
-        return smollm2_path()
-    except ValueError as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> str:
-    return _smollm2_path()
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_path):
-    """``(model, tokenizer, chat)`` from `jaxeff.llm.load_gguf` (cache under $JAXEFF_CACHE)."""
-    from jaxeff.llm import load_gguf
-
-    return load_gguf(smollm2_path)
 
 
 def _hf_setup(path: str) -> tuple[str, str]:
