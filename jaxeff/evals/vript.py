@@ -431,14 +431,14 @@ def bert_mean_embeddings(params: dict, ids, mask, *, n_heads: int, eps: float = 
         x, params["embeddings.LayerNorm.weight"], params["embeddings.LayerNorm.bias"], eps
     )
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    d = x.shape[-1] // n_heads
+
+    def heads(y):
+        return y.reshape(b, t, n_heads, d).transpose(0, 2, 1, 3)
+
     layer = 0
     while f"encoder.layer.{layer}.attention.self.query.weight" in params:
         pre = f"encoder.layer.{layer}"
-        d = x.shape[-1] // n_heads
-
-        def heads(y):
-            return y.reshape(b, t, n_heads, d).transpose(0, 2, 1, 3)
-
         q = heads(dense(x, f"{pre}.attention.self.query"))
         k = heads(dense(x, f"{pre}.attention.self.key"))
         v = heads(dense(x, f"{pre}.attention.self.value"))
