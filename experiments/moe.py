@@ -724,17 +724,15 @@ def run_token_crisis(
 # ---------------------------------------------------------------------------------------------
 # moe-bench
 
-_EP_BENCH = """
-import json, os, sys
-from jaxeff.parallel.multiprocess import simulated_devices_xla_flags
-os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(%d)
-from jaxeff.experiments.moe import BenchConfig, _time_layer
-cfg = BenchConfig(**json.loads(sys.argv[1]))
-import jax
-single = _time_layer(cfg, "einsum", None)
-ep = _time_layer(cfg, "einsum", jax.make_mesh((cfg.ep_devices,), ("expert",)))
-print(json.dumps({"ep_single_tok_s": single, "ep_tok_s": ep}))
-"""
+
+def _expert_parallel_bench(cfg: BenchConfig) -> dict:
+    """Tokens/s of one simulated device and of expert parallelism over ``ep_devices`` (run in
+    a process that simulates them)."""
+    import jax
+
+    single = _time_layer(cfg, "einsum", None)
+    ep = _time_layer(cfg, "einsum", jax.make_mesh((cfg.ep_devices,), ("expert",)))
+    return {"ep_single_tok_s": single, "ep_tok_s": ep}
 
 
 def _time_layer(cfg: BenchConfig, implementation: str, mesh) -> float:
@@ -773,7 +771,6 @@ def _time_layer(cfg: BenchConfig, implementation: str, mesh) -> float:
 
 
 def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
-    import subprocess
 
     import jax
 
@@ -787,16 +784,9 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
         "gmm_vs_einsum": gmm / einsum,
         "gmm_implementation": grouped,
     }
-    script = _EP_BENCH % cfg.ep_devices
-    out = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(dataclasses.asdict(cfg))],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"moe-bench expert-parallel subprocess failed:\n{out.stderr[-2000:]}")
-    ep = json.loads(out.stdout.strip().splitlines()[-1])
+    from jaxeff.parallel.multiprocess import call_on_simulated_devices
+
+    ep = call_on_simulated_devices(_expert_parallel_bench, cfg, cfg.ep_devices)
     summary.update(ep)
     summary["ep_vs_single"] = ep["ep_tok_s"] / ep["ep_single_tok_s"]
     summary["ep_devices"] = cfg.ep_devices

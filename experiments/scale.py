@@ -50,7 +50,6 @@ ZeRO, 2020 (https://arxiv.org/abs/1910.02054); the methods' papers are cited in 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from jaxeff.experiment import Experiment
@@ -166,31 +165,12 @@ def devices_needed(mesh: MeshConfig) -> int:
     return math.prod(v for v in dataclasses.asdict(mesh).values() if v != -1)
 
 
-def in_child(function: str, cfg, devices: int, workdir: str | None) -> dict:
-    """Runs ``function(cfg, workdir)`` of this module in a fresh Python with ``devices``
-    simulated CPU devices (XLA reads the count once, before jax starts); returns its JSON."""
-    import subprocess
-    import sys
+def in_child(function, cfg, devices: int, workdir: str | None) -> dict:
+    """Runs ``function(cfg, workdir)`` in a fresh Python with ``devices`` simulated CPU devices
+    (XLA reads the count once, before jax starts); returns its JSON."""
+    from jaxeff.parallel.multiprocess import call_on_simulated_devices
 
-    from jaxeff import config as config_lib
-
-    script = (
-        "import os, json, sys\n"
-        "from jaxeff.parallel.multiprocess import simulated_devices_xla_flags as flags\n"
-        f"os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + flags({devices})\n"
-        "from jaxeff import config as c\n"
-        "from jaxeff.experiments import scale as s\n"
-        f"cfg = c.from_dict(s.{type(cfg).__name__}, json.loads(sys.argv[1]))\n"
-        f"print('RESULT ' + json.dumps(s.{function}(cfg, sys.argv[2] or None)))\n"
-    )
-    argv = [sys.executable, "-c", script, json.dumps(config_lib.to_dict(cfg)), workdir or ""]
-    out = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(
-            f"{function} in a child with {devices} devices failed ({out.returncode})"
-        )
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return call_on_simulated_devices(function, cfg, devices, workdir)
 
 
 def _needs_child(devices: int) -> bool:
@@ -342,7 +322,7 @@ def run_compose(cfg: ComposeConfig, workdir: str | None = None, resume: bool = F
     parts = check_parts(cfg.parts)
     need = devices_needed(cfg.mesh) if "mesh" in parts else 1
     if _needs_child(need):
-        return in_child("run_compose", cfg, need, workdir)
+        return in_child(run_compose, cfg, need, workdir)
     import jax
 
     from jaxeff.data.packing import build_lm_data
@@ -443,7 +423,7 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
             f"device_counts={counts} must be positive and divide batch_size={cfg.batch_size}"
         )
     if _needs_child(max(counts)):
-        return in_child("run_bench", cfg, max(counts), workdir)
+        return in_child(run_bench, cfg, max(counts), workdir)
     import jax
     import numpy as np
     import optax

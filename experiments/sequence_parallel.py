@@ -43,7 +43,6 @@ al., Ring Attention with Blockwise Transformers, 2023.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -100,39 +99,16 @@ def get_train_config(preset: str) -> TrainConfig:
 # ----------------------------------------------------------------------------- devices
 
 
-def _on_devices(fn_name: str, cfg, n_devices: int) -> dict:
-    """``fn_name(cfg)`` here if jax sees ``n_devices``, else in a subprocess that simulates
-    them on the CPU (its progress bars and logs pass through on stderr)."""
-    import subprocess
-
+def _on_devices(fn, cfg, n_devices: int) -> dict:
+    """``fn(cfg)`` here if jax sees ``n_devices``, else in a subprocess that simulates them on
+    the CPU (its progress bars and logs pass through on stderr)."""
     import jax
 
+    from jaxeff.parallel.multiprocess import call_on_simulated_devices
+
     if jax.device_count() >= n_devices:
-        return globals()[fn_name](cfg)
-    fields = json.dumps(dataclasses.asdict(cfg))
-    script = (
-        "import os, json, sys\n"
-        "from jaxeff.parallel.multiprocess import simulated_devices_xla_flags as flags\n"
-        f"os.environ['XLA_FLAGS'] = flags({n_devices})\n"
-        "from jaxeff.experiments import sequence_parallel as m\n"
-        f"cfg = m.{type(cfg).__name__}(**m._tuples(json.loads(sys.argv[1])))\n"
-        f"print('RESULT ' + json.dumps(m.{fn_name}(cfg)))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run(
-        [sys.executable, "-c", script, fields], stdout=subprocess.PIPE, text=True, env=env
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{fn_name} on {n_devices} simulated devices failed (exit {out.returncode}); "
-            "its error is printed above"
-        )
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _tuples(fields: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        return fn(cfg)
+    return call_on_simulated_devices(fn, cfg, n_devices)
 
 
 # ----------------------------------------------------------------------------- dsp-bench
@@ -210,7 +186,7 @@ def bench_on_devices(cfg: BenchConfig) -> dict:
 def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
     if max(cfg.n_values) > DEVICES or min(cfg.n_values) < 1:
         raise ValueError(f"n_values = {cfg.n_values}: each N must be in 1..{DEVICES}")
-    res = _on_devices("bench_on_devices", cfg, max(cfg.n_values))
+    res = _on_devices(bench_on_devices, cfg, max(cfg.n_values))
     by_n, m = res["by_n"], res["activation_bytes"]
     top = by_n[str(max(cfg.n_values))]
     out = {
@@ -399,7 +375,7 @@ def run_train(cfg: TrainConfig, workdir: str | None = None, resume: bool = False
                 f"{name} = {size} does not divide over devices = {cfg.devices} (DSP shards "
                 "frames in the spatial stage and patches in the temporal stage)"
             )
-    out = _on_devices("train_on_devices", cfg, cfg.devices)
+    out = _on_devices(train_on_devices, cfg, cfg.devices)
     curves = out.pop("curves")
     print(f"{'':8} {'final train loss':>16} {'val loss':>9} {'step ms':>8}")
     print(f"{'init':8} {'':>16} {out['val_loss_init']:>9.4f}")

@@ -22,6 +22,7 @@ and the launcher::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -167,6 +168,65 @@ def launch_local(
             out.close()
             err.close()
     return results
+
+
+RESULT_PREFIX = "RESULT "
+
+_CHILD_SCRIPT = """\
+import importlib, json, os, sys
+os.environ["XLA_FLAGS"] = sys.argv[1]
+from jaxeff import config
+
+def load(path):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+cfg = config.from_dict(load(sys.argv[3]), json.loads(sys.argv[4]))
+result = load(sys.argv[2])(cfg, *json.loads(sys.argv[5]))
+print("RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def _qualified(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def child_xla_flags(devices: int, inherited: str | None = None) -> str:
+    """This process's ``XLA_FLAGS`` with its device count replaced by ``devices`` simulated
+    CPU devices (other flags kept)."""
+    flags = (os.environ.get("XLA_FLAGS", "") if inherited is None else inherited).split()
+    kept = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, simulated_devices_xla_flags(devices)])
+
+
+def call_on_simulated_devices(fn, cfg, devices: int, *args):
+    """``fn(cfg, *args)`` in a fresh Python that simulates ``devices`` CPU devices, returning
+    its JSON-serialisable result.
+
+    XLA reads the device count once, when jax starts, so an experiment that needs 8 devices in
+    a process that has fewer runs there. ``fn`` must be a module-level function, ``cfg`` a
+    `jaxeff.config` dataclass (it travels as JSON through `jaxeff.config.to_dict`/`from_dict`)
+    and ``args`` JSON values. The child's stderr (progress bars, logs) passes through.
+    """
+    from jaxeff import config as config_lib
+
+    argv = [
+        *python_argv(_CHILD_SCRIPT),
+        child_xla_flags(devices),
+        _qualified(fn),
+        _qualified(type(cfg)),
+        json.dumps(config_lib.to_dict(cfg)),
+        json.dumps(list(args)),
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env)
+    lines = [x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{fn.__qualname__} on {devices} simulated devices failed (exit {out.returncode}); "
+            "its error is printed above"
+        )
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def python_argv(script: str) -> list[str]:

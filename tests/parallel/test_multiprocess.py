@@ -1,6 +1,7 @@
 """The DSP train step across 2 processes x 4 CPU devices (jax.distributed, gloo) on localhost
 gives the single-device result."""
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -94,3 +95,34 @@ def test_a_failing_process_does_not_hang_the_others():
     results = mp.launch_local(mp.python_argv(script), num_processes=2, timeout=300)
     assert results[1].returncode == 3
     assert results[0].returncode < 0  # killed, long before its sleep or the timeout ends
+
+
+@dataclasses.dataclass(frozen=True)
+class _EchoConfig:
+    sizes: tuple[int, ...] = (1, 2)
+    name: str = "x"
+
+
+def _devices_and_config(cfg: _EchoConfig, tag: str) -> dict:
+    import jax
+
+    return {"devices": jax.device_count(), "sizes": list(cfg.sizes), "name": cfg.name, "tag": tag}
+
+
+def _fails(cfg: _EchoConfig) -> dict:
+    raise SystemExit(3)
+
+
+def test_call_on_simulated_devices_runs_in_a_child_with_that_many_devices():
+    out = mp.call_on_simulated_devices(_devices_and_config, _EchoConfig((3, 4), "y"), 5, "t")
+    # the child saw 5 devices whatever this process has, and got the config back typed
+    assert out == {"devices": 5, "sizes": [3, 4], "name": "y", "tag": "t"}
+    with pytest.raises(RuntimeError, match=r"_fails on 2 simulated devices failed \(exit 3\)"):
+        mp.call_on_simulated_devices(_fails, _EchoConfig(), 2)
+
+
+def test_child_xla_flags_replace_only_the_device_count():
+    flags = mp.child_xla_flags(4, "--xla_force_host_platform_device_count=8 --xla_foo=1")
+    assert "--xla_foo=1" in flags.split()
+    counts = [f for f in flags.split() if f.startswith("--xla_force_host_platform_device_count")]
+    assert counts == ["--xla_force_host_platform_device_count=4"]
