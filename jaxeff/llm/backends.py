@@ -171,6 +171,7 @@ class ScriptedBackend:
         self._scores = scores
         self.log: list[list[dict]] = []
         self.stats = Usage()
+        self.name = "scripted"
 
     def _reply(self, conv: list[dict]) -> str:
         if self._fn is not None:

@@ -113,7 +113,10 @@ def make_server(backend: LocalBackend, host: str = "127.0.0.1", port: int = 8000
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (its timeout); nothing to tell it
 
         def _error(self, code: int, message: str, kind: str = "invalid_request_error"):
             self._send(code, {"error": {"message": message, "type": kind}})
