@@ -155,6 +155,21 @@ def _ulysses_attention(pa, h, *, heads, frames, axis, attend_axis):
     return out_projection(pa, o)
 
 
+def _flat_sequence_block(
+    params, x, cond, *, mesh, heads, axis, spatial, temporal, ffn=None, param_specs=None
+):
+    """``block_forward`` with the given stage functions under ``shard_map`` on the flattened
+    ``[B, T*S, C]`` sequence sharded over ``axis`` (Ulysses, ring, Megatron-SP)."""
+    b, t, s, c = x.shape
+
+    def local(p, xl, cond_):
+        return block_forward(p, xl, cond_, heads=heads, spatial=spatial, temporal=temporal, ffn=ffn)
+
+    flat = _reshape(x, (b, t * s, c), axis)
+    y = _shard_map(local, mesh, params, flat, cond, axis, param_specs)
+    return _reshape(y, (b, t, s, c), axis)
+
+
 def ulysses_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
     """One block with DeepSpeed-Ulysses: the flattened ``T*S`` sequence sharded, heads
     re-sharded around each attention (4 all-to-alls per attention, 8M/N per block).
@@ -171,19 +186,16 @@ def ulysses_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
             "shards attention heads)"
         )
     attn = functools.partial(_ulysses_attention, heads=heads, frames=t, axis=axis)
-
-    def local(p, xl, cond_):
-        return block_forward(
-            p,
-            xl,
-            cond_,
-            heads=heads,
-            spatial=functools.partial(attn, attend_axis=2),
-            temporal=functools.partial(attn, attend_axis=1),
-        )
-
-    y = _shard_map(local, mesh, params, _reshape(x, (b, t * s, c), axis), cond, axis)
-    return _reshape(y, (b, t, s, c), axis)
+    return _flat_sequence_block(
+        params,
+        x,
+        cond,
+        mesh=mesh,
+        heads=heads,
+        axis=axis,
+        spatial=functools.partial(attn, attend_axis=2),
+        temporal=functools.partial(attn, attend_axis=1),
+    )
 
 
 # ----------------------------------------------------------------------------- ring
@@ -263,19 +275,16 @@ def ring_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq"):
     b, t, s, c = x.shape
     _check_divides("T*S (frames * patches)", t * s, n, axis)
     stage = functools.partial(_ring_stage, heads=heads, patches=s, axis=axis, n=n)
-
-    def local(p, xl, cond_):
-        return block_forward(
-            p,
-            xl,
-            cond_,
-            heads=heads,
-            spatial=functools.partial(stage, by="frame"),
-            temporal=functools.partial(stage, by="patch"),
-        )
-
-    y = _shard_map(local, mesh, params, _reshape(x, (b, t * s, c), axis), cond, axis)
-    return _reshape(y, (b, t, s, c), axis)
+    return _flat_sequence_block(
+        params,
+        x,
+        cond,
+        mesh=mesh,
+        heads=heads,
+        axis=axis,
+        spatial=functools.partial(stage, by="frame"),
+        temporal=functools.partial(stage, by="patch"),
+    )
 
 
 # ----------------------------------------------------------------------------- Megatron-SP
@@ -342,21 +351,18 @@ def megatron_block(params, x, cond=None, *, mesh, heads: int, axis: str = "seq")
     if "mlp" in params:
         _check_divides("MLP width (up.shape[1])", params["mlp"]["up"].shape[1], n, axis)
     attn = functools.partial(_megatron_attention, frames=t, head_dim=c // heads, axis=axis)
-
-    def local(p, xl, cond_):
-        return block_forward(
-            p,
-            xl,
-            cond_,
-            heads=heads,
-            spatial=functools.partial(attn, attend_axis=2),
-            temporal=functools.partial(attn, attend_axis=1),
-            ffn=functools.partial(_megatron_mlp, axis=axis),
-        )
-
-    specs = megatron_param_specs(params, axis) if params else None
-    y = _shard_map(local, mesh, params, _reshape(x, (b, t * s, c), axis), cond, axis, specs)
-    return _reshape(y, (b, t, s, c), axis)
+    return _flat_sequence_block(
+        params,
+        x,
+        cond,
+        mesh=mesh,
+        heads=heads,
+        axis=axis,
+        spatial=functools.partial(attn, attend_axis=2),
+        temporal=functools.partial(attn, attend_axis=1),
+        ffn=functools.partial(_megatron_mlp, axis=axis),
+        param_specs=megatron_param_specs(params, axis) if params else None,
+    )
 
 
 def sequence_parallel_block(
