@@ -17,7 +17,8 @@ iteration of AMPO (our reading of the paper, which has no public code):
    are over-specific (fit single examples) or redundant; *pre-pruning* is early stopping: the
    run stops after ``patience`` iterations without a better validation score.
 5. **Selection**: every candidate is scored on the validation set; the best becomes the
-   current prompt, and the best prompt seen on validation is what the run returns.
+   current prompt unless it scores lower than the current one (ties move on, so that a
+   branch can be refined next time); the best prompt seen on validation is returned.
 
 The four role prompts are editable templates (`AMPOTemplates`). Their replies are parsed
 line by line (``PATTERN: ... | IMPORTANCE: n``, ``ADD | IF ... | THEN ...``, ``REFINE k | IF
@@ -330,7 +331,8 @@ class AMPO:
                     explored += 1
                 c["val_score"] = seen[text]
             top = max(candidates, key=lambda c: c["val_score"])
-            current, cur_score = top["prompt"], top["val_score"]
+            if top["val_score"] >= cur_score:  # a worse candidate is recorded, not taken
+                current, cur_score = top["prompt"], top["val_score"]
             if cur_score > best_score:
                 best, best_score, stale = current, cur_score, 0
             else:

@@ -88,7 +88,9 @@ def test_keeps_the_seed_when_candidates_are_worse_and_stops_early():
     result = ampo.run()
     assert result.stopped == "early stop"
     assert len(result.history) == 1 + 2  # seed + patience iterations
-    assert [x["val_score"] for x in result.history] == [0.75, 0.25, 0.25]
+    assert [x["val_score"] for x in result.history] == [0.75, 0.75, 0.75]
+    assert result.history[2]["candidates"][0]["val_score"] == 0.25  # tried, not taken
+    assert result.history[2]["branches"] == []
     assert result.best_prompt == SEED and result.best_score == 0.75
 
 
