@@ -1,0 +1,1 @@
+"""Retrieval for in-context learning: MSIER's supervised example retriever (`msier`)."""
