@@ -310,27 +310,24 @@ def val_batches(data, batch_size: int, max_batches: int):
 
 
 def plot_losses(records: list[dict], path: str, unigram_ppl: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import math
 
-    import matplotlib.pyplot as plt
+    from jaxeff.plots import plot_val_curves
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split, style in (("train", "-"), ("val", "o-")):
-        pts = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=f"{split} loss")
-    if unigram_ppl:
-        ax.axhline(math.log(unigram_ppl), color="gray", ls="--", label="unigram (add-one)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    curves = {
+        f"{split} loss": [
+            (r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r
+        ]
+        for split in ("train", "val")
+    }
+    plot_val_curves(
+        curves,
+        path,
+        "lm: cross-entropy",
+        "cross-entropy (nats/token)",
+        styles={"train loss": "-"},
+        references={"unigram (add-one)": math.log(unigram_ppl)} if unigram_ppl else None,
+    )
 
 
 def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict:

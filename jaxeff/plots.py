@@ -8,8 +8,13 @@ def plot_val_curves(
     path: str,
     title: str,
     ylabel: str = "validation cross-entropy (nats/token)",
+    *,
+    styles: dict[str, str] | None = None,
+    references: dict[str, float] | None = None,
 ) -> None:
-    """One line per run of ``(step, value)`` points, saved as a PNG at ``path``."""
+    """One line per run of ``(step, value)`` points, saved as a PNG at ``path``; ``styles``
+    overrides a curve's matplotlib format (default ``"o-"``), ``references`` adds labelled
+    dashed horizontal lines (e.g. a baseline's loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +22,10 @@ def plot_val_curves(
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in curves.items():
-        ax.plot(*zip(*pts, strict=True), "o-", label=name)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), (styles or {}).get(name, "o-"), label=name)
+    for name, value in (references or {}).items():
+        ax.axhline(value, color="gray", ls="--", label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
