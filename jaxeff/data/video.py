@@ -896,3 +896,92 @@ def list_scenes(video: VriptVideo | dict[str, Any] | str | os.PathLike) -> list[
     elif not isinstance(video, VriptVideo):
         video = read_vript_json(video)
     return [s.scene_id for s in video.scenes]
+
+
+# --------------------------------------------------------------------------------------------
+# Attribute classes for image-text models (small CLIP, continual learning)
+
+# Sprite side (frame widths) of each size class; far apart so that size is a clean attribute.
+SIZE_CLASSES: dict[str, tuple[float, float]] = {"small": (0.34, 0.44), "large": (0.62, 0.74)}
+POSITION_CLASSES = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUND_WORDS = tuple(_BACKGROUND_PHRASE[b] for b in BACKGROUNDS)
+# How far the sprite centre keeps from the frame's middle lines, so the quadrant is visible.
+_QUADRANT_GAP = 0.07
+
+
+def sample_attributes(
+    rng: np.random.Generator,
+    digits: Sequence[int] = tuple(range(10)),
+    colors: Sequence[str] = tuple(COLORS),
+    sizes: Sequence[str] = tuple(SIZE_CLASSES),
+    positions: Sequence[str] = POSITION_CLASSES,
+    backgrounds: Sequence[str] = BACKGROUNDS,
+) -> dict[str, Any]:
+    """Draw one image's attribute classes and its continuous placement.
+
+    Returns ``digit``, ``color``, ``size`` (a :data:`SIZE_CLASSES` name), ``position`` (a
+    :data:`POSITION_CLASSES` quadrant), ``background`` (a :data:`BACKGROUNDS` kind), and the
+    rendering details ``side`` (frame widths), ``center`` ``(x, y)`` inside the quadrant,
+    ``sample`` (which handwritten image), ``background_colors``, ``background_phase``.
+    """
+    size = sizes[rng.integers(len(sizes))]
+    if size not in SIZE_CLASSES:
+        raise ValueError(f"size must be one of {list(SIZE_CLASSES)}, got {size!r}")
+    position = positions[rng.integers(len(positions))]
+    if position not in POSITION_CLASSES:
+        raise ValueError(f"position must be one of {list(POSITION_CLASSES)}, got {position!r}")
+    side = float(rng.uniform(*SIZE_CLASSES[size]))
+    lo, hi = side / 2 + 0.02, 0.5 - _QUADRANT_GAP
+    u = rng.uniform(lo, max(lo, hi), 2)
+    vertical, horizontal = position.split()
+    x = u[0] if horizontal == "left" else 1 - u[0]
+    y = u[1] if vertical == "top" else 1 - u[1]
+    c0 = rng.uniform(0.0, 0.2, 3)
+    c1 = np.minimum(c0 + rng.uniform(0.1, 0.25, 3), _BG_MAX)
+    return {
+        "digit": int(digits[rng.integers(len(digits))]),
+        "color": str(colors[rng.integers(len(colors))]),
+        "size": size,
+        "position": position,
+        "background": str(backgrounds[rng.integers(len(backgrounds))]),
+        "side": side,
+        "center": (float(x), float(y)),
+        "sample": int(rng.integers(1 << 16)),
+        "background_colors": (tuple(map(float, c0)), tuple(map(float, c1))),
+        "background_phase": tuple(map(float, rng.uniform(0, 2 * np.pi, 2))),
+    }
+
+
+def render_attributes(attributes: dict[str, Any], size: int = 24) -> np.ndarray:
+    """float32 ``[size, size, 3]``: the square image described by :func:`sample_attributes`."""
+    a = attributes
+    return render_frame(
+        a["digit"],
+        a["color"],
+        a["side"],
+        a["center"],
+        a["background"],
+        size,
+        size,
+        sample=a["sample"],
+        background_colors=a["background_colors"],
+        background_phase=a["background_phase"],
+    )
+
+
+def attribute_caption(attributes: dict[str, Any], keep: Sequence[str] | None = None) -> str:
+    """A caption naming the attributes in ``keep`` (default: all), e.g. "a photo of a small red
+    seven in the top left on a striped background"; without ``digit`` the noun is "digit"."""
+    a = attributes
+    keep = ("digit", "color", "size", "position", "background") if keep is None else keep
+    words = ["a photo of a"]
+    if "size" in keep:
+        words.append(a["size"])
+    if "color" in keep:
+        words.append(a["color"])
+    words.append(DIGIT_WORDS[a["digit"]] if "digit" in keep else "digit")
+    if "position" in keep:
+        words.append(f"in the {a['position']}")
+    if "background" in keep:
+        words.append(f"on a {_BACKGROUND_PHRASE[a['background']]} background")
+    return " ".join(words)
