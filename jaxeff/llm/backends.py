@@ -293,46 +293,71 @@ class LocalBackend:
 
     def score_options(self, messages, options):
         """``log p(option | messages)`` for each option: the option's tokens teacher-forced as
-        the start of the assistant's reply, their log-probabilities summed (one batched
-        forward pass, right-padded to a bucket: the causal mask keeps padding out)."""
+        the start of the assistant's reply, their log-probabilities summed."""
         return self.score_options_batch([messages], [options])[0]
 
     def score_options_batch(
         self, messages_batch: Sequence[Conversation], options_batch: Sequence[Sequence[str]]
     ) -> list[list[float]]:
-        """`score_options` for several conversations at once (each with its own options)."""
+        """`score_options` for several conversations at once (each with its own options).
+
+        Each conversation is one packed row: the prompt, then every option's tokens, with a
+        tree-shaped attention mask (an option's tokens see the prompt and the earlier tokens
+        of their own option only) and RoPE positions restarting after the prompt for each
+        option. The prompt is thus run once, not once per option, and only the logits that
+        predict option tokens are projected onto the vocabulary."""
         import numpy as np
 
-        from jaxeff.infer.generate import round_up
+        from jaxeff.infer.generate import batch_bucket, round_up
 
         convs = check_messages(messages_batch)
         if len(options_batch) != len(convs):
             raise ValueError(
                 f"options_batch has {len(options_batch)} entries for {len(convs)} conversations"
             )
-        rows = []  # (conversation, prompt ids, option ids)
-        for i, (conv, options) in enumerate(zip(convs, options_batch, strict=True)):
+        rows = []  # (prompt ids, [option ids])
+        for conv, options in zip(convs, options_batch, strict=True):
             prompt = self.encode(self.template.format(conv))
-            for opt in _check_options(options):
-                rows.append((i, prompt, self.encode(opt)))
+            rows.append((prompt, [self.encode(o) for o in _check_options(options)]))
             self.stats.add(Usage(len(prompt), 0, 1))
-        scores: list[list[float]] = [[] for _ in convs]
+        limit = getattr(self.llm.model.cfg, "max_seq_len", None)
+        scores: list[list[float]] = []
         for start in range(0, len(rows), self.max_batch):
             chunk = rows[start : start + self.max_batch]
-            length = round_up(max(len(p) + len(o) for _, p, o in chunk), self.bucket)
-            n_rows = 1 << max(len(chunk) - 1, 0).bit_length()
-            tokens = np.zeros((n_rows, length), np.int32)
-            targets = np.zeros((n_rows, length), np.int32)
-            weights = np.zeros((n_rows, length), np.float32)
-            for r, (_, p, o) in enumerate(chunk):
-                seq = p + o
-                tokens[r, : len(seq)] = seq
-                # logits at position t predict token t + 1
-                targets[r, : len(seq) - 1] = seq[1:]
-                weights[r, len(p) - 1 : len(seq) - 1] = 1.0
-            logp = np.asarray(self._scorer()(tokens, targets, weights))
-            for r, (i, _, _) in enumerate(chunk):
-                scores[i].append(float(logp[r]))
+            need = max(len(p) + sum(map(len, opts)) for p, opts in chunk)
+            if limit and need > limit:
+                raise ValueError(f"prompt + options = {need} tokens exceed the context {limit}")
+            length = round_up(need, self.bucket)
+            n_opt_tokens = round_up(max(sum(map(len, opts)) for _, opts in chunk), 8)
+            b = batch_bucket(len(chunk))
+            tokens = np.zeros((b, length), np.int32)
+            positions = np.zeros((b, length), np.int32)
+            mask = np.zeros((b, 1, length, length), bool)
+            mask[:, 0] = np.eye(length, dtype=bool)  # padding attends to itself only
+            gather = np.zeros((b, n_opt_tokens), np.int32)  # position whose logits predict
+            targets = np.zeros((b, n_opt_tokens), np.int32)
+            owner = np.full((b, n_opt_tokens), -1, np.int32)  # option index of each slot
+            for r, (p, opts) in enumerate(chunk):
+                n = len(p)
+                tokens[r, :n] = p
+                positions[r, :n] = np.arange(n)
+                mask[r, 0, :n, :n] = np.tril(np.ones((n, n), bool))
+                at, slot = n, 0
+                for j, o in enumerate(opts):
+                    k = len(o)
+                    tokens[r, at : at + k] = o
+                    positions[r, at : at + k] = n + np.arange(k)
+                    mask[r, 0, at : at + k, :n] = True
+                    mask[r, 0, at : at + k, at : at + k] = np.tril(np.ones((k, k), bool))
+                    for t in range(k):
+                        gather[r, slot] = n - 1 if t == 0 else at + t - 1
+                        targets[r, slot] = o[t]
+                        owner[r, slot] = j
+                        slot += 1
+                    at += k
+            logp = np.asarray(self._scorer()(tokens, positions, mask, gather, targets))
+            for r, (_, opts) in enumerate(chunk):
+                scores.append([float(logp[r][owner[r] == j].sum()) for j in range(len(opts))])
         return scores
 
     def _scorer(self):
@@ -344,13 +369,14 @@ class LocalBackend:
             graphdef, state = nnx.split(self.llm.model)
 
             @jax.jit
-            def score(state, tokens, targets, weights):
-                logits = nnx.merge(graphdef, state)(tokens)
-                logp = jax.nn.log_softmax(logits, axis=-1)
-                picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-                return (picked * weights).sum(-1)
+            def score(state, tokens, positions, mask, gather, targets):
+                model = nnx.merge(graphdef, state)
+                hidden = model.hidden_states(tokens, positions, mask)
+                picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
+                logp = jax.nn.log_softmax(model.logits_from_hidden(picked), axis=-1)
+                return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-            self._score_fn = lambda t, y, w: score(state, t, y, w)
+            self._score_fn = lambda *arrays: score(state, *arrays)
         return self._score_fn
 
 

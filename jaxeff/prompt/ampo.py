@@ -217,6 +217,7 @@ class AMPO:
     templates: AMPOTemplates = dataclasses.field(default_factory=AMPOTemplates)
     max_tokens: int = 96
     seed: int = 0
+    progress: bool = True
 
     def __post_init__(self):
         check_sets(self.train, self.val)
@@ -252,7 +253,9 @@ class AMPO:
         history = [
             self._record(0, current, cur_score, [], [], [], 0, explored, counter, start_calls)
         ]
-        for it in tqdm(range(1, self.max_iters + 1), desc="AMPO", leave=False):
+        for it in tqdm(
+            range(1, self.max_iters + 1), desc="AMPO", leave=False, disable=not self.progress
+        ):
             notes: list[str] = []
             batch = rng.sample(list(self.train), min(self.batch_size, len(self.train)))
             _, scores, preds = self.runner.evaluate(current.render(), batch)

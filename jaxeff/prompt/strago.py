@@ -176,6 +176,7 @@ class StraGo:
     templates: StraGoTemplates = dataclasses.field(default_factory=StraGoTemplates)
     max_tokens: int = 96
     seed: int = 0
+    progress: bool = True
 
     def __post_init__(self):
         check_sets(self.train, self.val)
@@ -245,7 +246,9 @@ class StraGo:
                 "llm_calls": counter.calls() - start,
             }
         ]
-        for it in tqdm(range(1, self.max_iters + 1), desc="StraGo", leave=False):
+        for it in tqdm(
+            range(1, self.max_iters + 1), desc="StraGo", leave=False, disable=not self.progress
+        ):
             notes: list[str] = []
             exps = self.experiences(current, rng, notes)
             if not any(x["kind"] == "failure" for x in exps):
