@@ -191,7 +191,7 @@ def make_task(cfg: PromptOptConfig):
     """``(train, val, test, options)``, disjoint by seed offsets (duplicates across splits
     removed from val and test)."""
     if cfg.task == "language":
-        options = tuple(LANGUAGES[x] for x in cfg.languages)
+        options = tuple(LANGUAGES.get(x, x) for x in cfg.languages)
         total = language_examples(cfg.languages, cfg.n_train + cfg.n_val + cfg.n_test, cfg.seed)
     elif cfg.task == "module":
         options = tuple(cfg.modules)
