@@ -1,0 +1,1 @@
+"""Continual learning: ZSCL for CLIP-style dual encoders (:mod:`jaxeff.cl.zscl`)."""
