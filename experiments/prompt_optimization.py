@@ -120,8 +120,8 @@ def get_config(preset: str, optimizer: str = "ampo") -> PromptOptConfig:
             n_success=0,
             n_strategies=1,
             n_crossover=0,
-            bucket=32,
-            max_batch=8,
+            bucket=128,  # few length buckets: few compiles
+            max_batch=4,
             progress=False,
         )
     if preset == "cpu":
@@ -204,7 +204,19 @@ def make_task(cfg: PromptOptConfig):
     return train, val, test, options
 
 
+_BACKENDS: dict = {}
+
+
 def load_backend(cfg: PromptOptConfig):
+    """The task/optimizer backend, kept per process (its compiled shapes are reused by a
+    second run, e.g. ampo then strago in one test session)."""
+    key = (cfg.model, cfg.bucket, cfg.max_batch, cfg.seed)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = _load_backend(cfg)
+    return _BACKENDS[key]
+
+
+def _load_backend(cfg: PromptOptConfig):
     from jaxeff.llm import load_gguf
     from jaxeff.llm.backends import LocalBackend
 
