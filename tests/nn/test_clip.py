@@ -77,7 +77,7 @@ def test_labels_and_prompts_agree():
 
 
 def test_model_embeddings_are_normalized_and_config_checked():
-    cfg = clip.CLIPConfig(width=16, heads=2, embed_dim=8, image_layers=1)
+    cfg = clip.CLIPConfig(width=16, heads=2, embed_dim=8, image_layers=1, text_layers=1)
     model = clip.CLIP(cfg, rngs=nnx.Rngs(0))
     x = jnp.zeros((3, 24, 24, 3))
     tokens = jnp.asarray(clip.Tokenizer().encode(["a red digit", "a two", "a"], 16))
