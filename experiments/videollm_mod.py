@@ -37,9 +37,9 @@ computed there; batch 4, 100 steps, 256 training and 32 held-out clips; 2 cores 
 other jobs at load ~12): step 2.66 s dense vs 1.63 s routed (``step_time_ratio`` 0.612, goal
 met), peak 505 MB vs 315 MB (``peak_mem_ratio`` 0.624, goal met; scratch alone 494 vs 304 MB),
 XLA FLOPs ratio 0.616, held-out caption loss 0.871 dense vs 0.870 routed nats/token (-0.1%,
-goal met; from ~6.2 at initialisation). Both models learn the captions' grammar; most of the
-remaining loss is the words that need the video (digit, colour, motion), which 100 steps only
-begin to learn, so "equal quality" is shown at this early stage of training only.
+goal met; ln(514) = 6.2 for a uniform guess). This is equal quality after a short run only:
+much of the caption is grammar that needs no video, and a longer run would test the words that
+do (digit, colour, motion) under routing.
 
 JSON: ``step_time_ratio``, ``peak_mem_ratio``, ``loss_dense``, ``loss_mod``, and
 ``step_time_s``, ``peak_mem_bytes``, ``temp_bytes``, ``flops``, ``train_loss`` per variant
