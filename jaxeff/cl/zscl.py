@@ -214,22 +214,15 @@ def make_reference(
     rng = np.random.default_rng(seed)
     bank_attrs = [attrs[i] for i in rng.choice(n_images, n_texts, replace=n_texts > n_images)]
     tokens = tok.encode(clip.random_captions(bank_attrs, rng), teacher.cfg.text_length)
-    text = _encode_texts(teacher, tokens)
-    img = np.concatenate(
-        [np.asarray(_encode_images(teacher, images[i : i + 256])) for i in range(0, n_images, 256)]
-    )
-    teacher_logits = float(teacher.scale()) * img @ np.asarray(text).T
+    text = np.asarray(_encode_texts(teacher, tokens))
+    img = clip.encode_images(teacher, images)
+    teacher_logits = float(teacher.scale()) * img @ text.T
     return Reference(images, tokens, teacher_logits.astype(np.float32))
 
 
-@nnx.jit
-def _encode_images(model, images):
-    return model.encode_image(images)
-
-
-@nnx.jit
 def _encode_texts(model, tokens):
-    return model.encode_text(tokens)
+    # pre-tokenized (and padded) prompts: one jitted text encoder for every task
+    return clip._encode_text(model, tokens)
 
 
 MAX_CLASSES = 16  # class prompts are padded to this many so one compiled step serves every task
@@ -346,12 +339,7 @@ def evaluate(model: clip.CLIP, tok: clip.Tokenizer, tasks: Sequence[Task]) -> np
     for task in tasks:
         tokens, _ = _pad_classes(tok.encode(list(task.prompts), text_length))
         text = np.asarray(_encode_texts(model, tokens))[: len(task.prompts)]
-        img = np.concatenate(
-            [
-                np.asarray(_encode_images(model, task.test_images[i : i + 256]))
-                for i in range(0, len(task.test_images), 256)
-            ]
-        )
+        img = clip.encode_images(model, task.test_images)
         preds = np.argmax(img @ text.T, axis=1)
         out.append(100.0 * float(np.mean(preds == task.test_labels)))
     return np.asarray(out)

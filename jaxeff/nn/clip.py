@@ -371,15 +371,35 @@ def contrastive_loss(logits: jax.Array) -> jax.Array:
 # Zero-shot classification
 
 
-def zero_shot_logits(model: CLIP, tok: Tokenizer, images, prompts: Sequence[str], batch=512):
-    """``[N, K]`` scaled cosine similarities of ``images`` to the ``K`` class ``prompts``."""
-    text = model.encode_text(jnp.asarray(tok.encode(list(prompts), model.cfg.text_length)))
-    encode = nnx.jit(lambda m, x: m.encode_image(x))
+@nnx.jit
+def _encode_image(model: CLIP, images):
+    return model.encode_image(images)
+
+
+@nnx.jit
+def _encode_text(model: CLIP, tokens):
+    return model.encode_text(tokens)
+
+
+def encode_images(model: CLIP, images, batch: int = 256) -> np.ndarray:
+    """float32 ``[N, E]`` L2-normalised image embeddings, jitted, ``batch`` images at a time."""
+    images = np.asarray(images, np.float32)
     outs = [
-        np.asarray(encode(model, jnp.asarray(images[i : i + batch])) @ text.T)
+        np.asarray(_encode_image(model, images[i : i + batch]))
         for i in range(0, len(images), batch)
     ]
-    return float(model.scale()) * np.concatenate(outs) if outs else np.zeros((0, len(prompts)))
+    return np.concatenate(outs) if outs else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+def encode_texts(model: CLIP, tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """float32 ``[N, E]`` L2-normalised text embeddings of ``texts``."""
+    return np.asarray(_encode_text(model, tok.encode(list(texts), model.cfg.text_length)))
+
+
+def zero_shot_logits(model: CLIP, tok: Tokenizer, images, prompts: Sequence[str]) -> np.ndarray:
+    """``[N, K]`` scaled cosine similarities of ``images`` to the ``K`` class ``prompts``."""
+    text = encode_texts(model, tok, prompts)
+    return float(model.scale()) * encode_images(model, images) @ text.T
 
 
 def zero_shot_predict(model: CLIP, tok: Tokenizer, images, prompts: Sequence[str]) -> np.ndarray:
@@ -447,9 +467,10 @@ def pretrain_clip(
     model_cfg = dataclasses.replace(model_cfg, vocab_size=max(model_cfg.vocab_size, tok.vocab_size))
     model = CLIP(model_cfg, rngs=nnx.Rngs(cfg.seed))
     images, attrs = make_pairs(cfg.pool, cfg.seed, "seen", model_cfg.image_size)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, min(cfg.warmup, max(cfg.steps, 1)), max(cfg.steps, 1)
-    )
+    # short runs warm up over at most a quarter of the steps; the cosine needs some left
+    total = max(cfg.steps, 2)
+    warmup = min(cfg.warmup, total // 4)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total)
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
