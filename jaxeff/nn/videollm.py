@@ -157,7 +157,8 @@ class VideoLLMConfig:
     def routed_tokens(self, r: float) -> int:
         """Tokens a routed layer computes: every text token and ``max(1, floor(r P))`` per
         frame."""
-        mod._check_capacity(r, "r")
+        if not (isinstance(r, int | float) and 0.0 < r <= 1.0):
+            raise ValueError(f"r must be a number in (0, 1], got {r!r}")
         keep = max(1, int(math.floor(r * self.patches_per_frame + 1e-9)))
         return self.num_text + self.frames * keep
 
