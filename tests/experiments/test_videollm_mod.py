@@ -27,6 +27,7 @@ def test_videollm_mod_smoke_contract(tmp_path):
     # a caption loss per token below uniform guessing over the vocabulary, above zero
     for name in ("loss_dense", "loss_mod"):
         assert 0.0 < out[name] < math.log(mcfg.vocab_size) + 0.5
+    assert set(out["loss_wrong_video"]) == {"dense", "mod"}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
     assert records[-1]["split"] == "val" and "mod/loss" in records[-1]
