@@ -125,6 +125,9 @@ def get_config(preset: str, optimizer: str = "ampo") -> PromptOptConfig:
             progress=False,
         )
     if preset == "cpu":
+        if optimizer == "strago":  # its iterations cost about twice AMPO's (all of train, 3
+            # candidates): two fit the ~10 minutes of a cpu preset on this shared machine
+            return PromptOptConfig(optimizer=optimizer, max_iters=2, n_failure=1, n_success=1)
         return PromptOptConfig(optimizer=optimizer)
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
 
@@ -207,31 +210,30 @@ def make_task(cfg: PromptOptConfig):
 _BACKENDS: dict = {}
 
 
-def load_backend(cfg: PromptOptConfig):
+def load_backend(cfg: PromptOptConfig, parts=None):
     """The task/optimizer backend, kept per process (its compiled shapes are reused by a
-    second run, e.g. ampo then strago in one test session)."""
+    second run, e.g. ampo then strago in one test session). ``parts``: ``(model, tokenizer,
+    chat)`` already loaded by `jaxeff.llm.load_gguf` (the tests pass their session's)."""
     key = (cfg.model, cfg.bucket, cfg.max_batch, cfg.seed)
     if key not in _BACKENDS:
-        _BACKENDS[key] = _load_backend(cfg)
+        _BACKENDS[key] = _load_backend(cfg, parts)
     return _BACKENDS[key]
 
 
-def _load_backend(cfg: PromptOptConfig):
+def _load_backend(cfg: PromptOptConfig, parts):
     from jaxeff.llm import load_gguf
     from jaxeff.llm.backends import LocalBackend
 
     if cfg.model not in ("smollm2", "tiny"):
         raise ValueError(f"model={cfg.model!r}; allowed: smollm2, tiny")
-    model, tokenizer, chat = load_gguf()
+    model, tokenizer, chat = parts if parts is not None else load_gguf()
     if cfg.model == "tiny":
         from flax import nnx
 
         from jaxeff.nn.transformer import Transformer, TransformerConfig
 
-        vocab = model.cfg.vocab_size
-        del model
         tiny = TransformerConfig(
-            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64
+            vocab_size=model.cfg.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64
         )
         model = Transformer(tiny, rngs=nnx.Rngs(cfg.seed))
     return LocalBackend((model, tokenizer, chat), bucket=cfg.bucket, max_batch=cfg.max_batch)
@@ -317,13 +319,18 @@ def plot_val(history: list[dict], title: str, path: str) -> None:
     plt.close(fig)
 
 
-def run(cfg: PromptOptConfig, workdir: str | None = None, resume: bool = False) -> dict:
+def run(
+    cfg: PromptOptConfig, workdir: str | None = None, resume: bool = False, *, parts=None
+) -> dict:
+    """Optimizes the seed prompt and scores both on the test set (``resume`` is accepted for
+    the CLI's contract; a run is short and restarts from the seed). ``parts``: see
+    `load_backend`."""
     from jaxeff.prompt.optimize import TaskRunner
 
     start = time.time()
     train, val, test, options = make_task(cfg)
     seed_prompt = cfg.seed_prompt or SEED_PROMPTS[cfg.task]
-    backend = load_backend(cfg)
+    backend = load_backend(cfg, parts)
     runner = TaskRunner(backend, options=options, batch=cfg.max_batch)
     opt = build_optimizer(cfg, backend, runner, train, val, seed_prompt)
     result = opt.run()

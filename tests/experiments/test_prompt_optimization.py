@@ -11,9 +11,9 @@ KEYS = {"test_acc_seed", "test_acc_optimized", "llm_calls"}
 
 
 @pytest.mark.parametrize("name", ["ampo", "strago"])
-def test_smoke_contract(name, tmp_path):
+def test_smoke_contract(name, tmp_path, smollm2):
     cfg = po.get_config("smoke", name)
-    out = po.run(cfg, workdir=str(tmp_path))
+    out = po.run(cfg, workdir=str(tmp_path), parts=smollm2)  # tokenizer and template reused
     assert KEYS <= set(out)
     assert 0 <= out["test_acc_seed"] <= 1 and 0 <= out["test_acc_optimized"] <= 1
     history = json.load(open(tmp_path / "history.json"))
