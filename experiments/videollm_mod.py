@@ -36,12 +36,14 @@ better quality. Targets (a goal, not a test): ``step_time_ratio`` <= 0.7, ``peak
 Measured here (cpu preset: 8 frames of 32x32, 64 patches each, 2 scenes' caption blocks of 40
 tokens: 600 tokens, 85% vision; 4 layers of width 128, layers 1 and 3 routed, 184 tokens
 computed there; batch 4, 100 steps, 256 training and 32 held-out clips; 2 cores shared with
-other jobs at load ~12): step 2.66 s dense vs 1.63 s routed (``step_time_ratio`` 0.612, goal
-met), peak 505 MB vs 315 MB (``peak_mem_ratio`` 0.624, goal met; scratch alone 494 vs 304 MB),
-XLA FLOPs ratio 0.616, held-out caption loss 0.871 dense vs 0.870 routed nats/token (-0.1%,
-goal met; ln(514) = 6.2 for a uniform guess). This is equal quality after a short run only:
-much of the caption is grammar that needs no video, and a longer run would test the words that
-do (digit, colour, motion) under routing.
+other jobs at load ~12): step 2.37 s dense vs 1.51 s routed (``step_time_ratio`` 0.637, goal
+met; 0.612 in an earlier run), peak 505 MB vs 315 MB (``peak_mem_ratio`` 0.624, goal met;
+scratch alone 494 vs 304 MB), XLA FLOPs ratio 0.616, held-out caption loss 0.871 dense vs
+0.870 routed nats/token (-0.1%, goal met; ln(514) = 6.2 for a uniform guess). But with each
+clip's frames swapped for another clip's the loss is 0.873 / 0.871: after 100 steps neither
+model uses the video yet (it has learned the captions' grammar and word frequencies), so the
+loss parity says nothing about vision quality under routing. Testing that needs a run long
+enough for ``loss_wrong_video`` to move away from the held-out loss.
 
 JSON: ``step_time_ratio``, ``peak_mem_ratio``, ``loss_dense``, ``loss_mod``, and
 ``step_time_s``, ``peak_mem_bytes``, ``temp_bytes``, ``flops``, ``train_loss``,
