@@ -79,6 +79,7 @@ class DetectiveConfig:
     max_new_tokens_detective: int = 96
     batch_size: int = 32
     bucket: int = 64
+    score_text: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -182,6 +183,17 @@ def letter_logprobs(backend, convs, prefixes, n_options, bucket: int = 64) -> li
     return [[float(v) for v in logp[i, :k]] for i, k in enumerate(n_options)]
 
 
+def text_logprobs(backend, convs, prefixes, options) -> list[list[float]]:
+    """``log p(prefix + "Answer: " + option text)`` summed over the option's tokens: the
+    answer read from the option's words, free of the letter bias of a small model."""
+    rows = [
+        [f"{answer_prefix(p)} {o}" for o in opts] for p, opts in zip(prefixes, options, strict=True)
+    ]
+    if hasattr(backend, "score_options_batch"):
+        return backend.score_options_batch(convs, rows)
+    return [backend.score_options(c, r) for c, r in zip(convs, rows, strict=True)]
+
+
 _SCORERS: dict = {}
 
 
@@ -221,7 +233,11 @@ def answer(backend, items, condition: str, cfg: DetectiveConfig, bar=None) -> li
         scores = letter_logprobs(
             backend, convs, prefixes, [len(it.options) for it in chunk], cfg.bucket
         )
-        for it, reply, sc in zip(chunk, replies, scores, strict=True):
+        if cfg.score_text:
+            texts = text_logprobs(backend, convs, prefixes, [it.options for it in chunk])
+        else:
+            texts = [None] * len(chunk)
+        for it, reply, sc, tx in zip(chunk, replies, scores, texts, strict=True):
             out.append(
                 {
                     "id": it.id,
@@ -229,6 +245,8 @@ def answer(backend, items, condition: str, cfg: DetectiveConfig, bar=None) -> li
                     "scores": sc,
                     "scored": argmax(sc),
                     "parsed": db.parse_answer(reply, it.options),
+                    "text_scores": tx,
+                    "text_scored": None if tx is None else argmax(tx),
                 }
             )
         if bar is not None:
@@ -248,8 +266,10 @@ def summarize(records: list[dict], items, sources: list[str]) -> dict:
     for src in dict.fromkeys(sources):
         idx = [i for i, s in enumerate(sources) if s == src]
         by_source[src] = db.accuracy([scored[i] for i in idx], [items[i] for i in idx])
+    text = [r["text_scored"] for r in records]
     return {
         "acc": db.accuracy(scored, items),
+        "acc_text": None if None in text else db.accuracy(text, items),
         "acc_parsed": db.accuracy(parsed, items),
         "unparsed": sum(p is None for p in parsed),
         "evidence_overlap": overlap,
@@ -259,13 +279,15 @@ def summarize(records: list[dict], items, sources: list[str]) -> dict:
 
 def format_table(results: dict, n: int) -> str:
     lines = [
-        f"detective: SmolLM2-135M, {n} items (answers scored by log-prob; parsed from text)",
-        f"{'prompt':<11}{'accuracy':>9}{'parsed acc':>12}{'unparsed':>10}{'evidence F1':>13}",
+        f"detective: SmolLM2-135M, {n} items (accuracy: letter log-prob, option-text "
+        "log-prob, parsed from the reply)",
+        f"{'prompt':<11}{'letter':>8}{'text':>8}{'parsed':>8}{'unparsed':>10}{'evidence F1':>13}",
     ]
     for cond in CONDITIONS:
         r = results[cond]
+        text = "-" if r["acc_text"] is None else f"{r['acc_text']:.3f}"
         lines.append(
-            f"{cond:<11}{r['acc']:>9.3f}{r['acc_parsed']:>12.3f}{r['unparsed']:>10d}"
+            f"{cond:<11}{r['acc']:>8.3f}{text:>8}{r['acc_parsed']:>8.3f}{r['unparsed']:>10d}"
             f"{r['evidence_overlap']:>13.3f}"
         )
     return "\n".join(lines)
@@ -312,6 +334,7 @@ def run(
         "acc_plain": results["plain"]["acc"],
         "acc_detective": results["detective"]["acc"],
         "acc_parsed": {c: results[c]["acc_parsed"] for c in CONDITIONS},
+        "acc_text": {c: results[c]["acc_text"] for c in CONDITIONS},
         "unparsed": {c: results[c]["unparsed"] for c in CONDITIONS},
         "evidence_overlap": {c: results[c]["evidence_overlap"] for c in CONDITIONS},
         "detective_wins": sum(d and not p for p, d in pairs),

@@ -30,6 +30,11 @@ def test_letter_scores_equal_score_options(backend):
         # the options share everything but the letter: differences between options agree
         np.testing.assert_allclose(np.subtract(mine, mine[0]), np.subtract(ref, ref[0]), atol=2e-3)
         assert all(v < 0 for v in mine)
+    # option texts: the same teacher-forced sum as score_options on the written-out replies
+    item = db.SAMPLE_ITEMS[0]
+    text = exp.text_logprobs(backend, convs[:1], [""], [item.options])[0]
+    ref = backend.score_options(convs[0], [f"Answer: {o}" for o in item.options])
+    np.testing.assert_allclose(text, ref, atol=1e-4)
 
 
 def test_detective_smoke_contract_on_a_user_file(backend, tmp_path):
@@ -47,6 +52,8 @@ def test_detective_smoke_contract_on_a_user_file(backend, tmp_path):
         assert [r["id"] for r in mine] == [it.id for it in items]
         hits = [int(np.argmax(r["scores"])) == r["answer"] for r in mine]
         assert out[key] == sum(hits) / len(hits)
+        by_text = [int(np.argmax(r["text_scores"])) == r["answer"] for r in mine]
+        assert out["acc_text"][cond] == sum(by_text) / len(by_text)
         parsed = [
             db.parse_answer(r["reply"], it.options) for r, it in zip(mine, items, strict=True)
         ]
