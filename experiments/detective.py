@@ -16,8 +16,11 @@ assistant's reply so far (nothing for ``plain``; the model's own generated reaso
 with `LocalBackend`; equal to `LocalBackend.score_options` on ``<reasoning>\nAnswer: X``,
 which other backends use). A 135M model often stops before writing an answer line, or writes
 one that `detectbench.parse_answer` cannot read, so scoring never leaves an item unanswered.
-The free-text answer is also parsed (`jaxeff.evals.detectbench.parse_answer` on the plain
-reply of ``max_new_tokens_plain`` tokens and on the reasoning) and reported as ``acc_parsed``.
+With ``score_text`` the option *texts* are scored too (``log p("Answer: <option>")``
+summed over its tokens after the same reasoning: `text_logprobs`), which a small model's letter
+bias does not touch; reported as ``acc_text``. The free-text answer is also parsed
+(`jaxeff.evals.detectbench.parse_answer` on the plain reply of ``max_new_tokens_plain`` tokens
+and on the reasoning) and reported as ``acc_parsed``.
 
 Items: ``--set data_path=FILE`` reads a DetectBench JSONL file (the official format, from the
 user's path; the official data are never shipped). Without it: the self-written
@@ -26,22 +29,24 @@ suspects, a locker number written in words by num2words: two hops), so that n is
 Evidence overlap is the unigram F1 of the reply's evidence part against ``clue_graph.evidence``
 (`detectbench.evidence_overlap`).
 
-    jaxeff run detective --preset cpu     # 12 min on 2 cores shared at load ~12 (32 items)
+    jaxeff run detective --preset cpu     # 18 min on 2 cores shared at load ~13 (32 items)
     jaxeff run detective --preset smoke   # SmolLM2 on 3 items, a few tokens: what tests run
     jaxeff run detective --set data_path=/path/to/detectbench_test.jsonl
 
 The paper's claim: the Detective Reasoning prompt raises accuracy over plain prompting (and
 the evidence the model names overlaps the annotated clues more). Measured here (cpu preset, 32
-items, 12 min at load ~12): accuracy plain 0.219, Detective 0.281 (8 wins, 6 losses: within
-noise, both near chance 0.25); parsed accuracy the same, 6 Detective replies unparsed; evidence
-F1 0.125 -> 0.180. Not reproduced at 135M: the model rarely writes the four steps (most replies
-are ``The answer is: D.``), and its letters follow a position bias (plain: C for 27 of 32
-items; Detective: D for 20 of 32), not the evidence.
+items, 18 min at load ~13; ``--set score_text=false`` saves about a third): letter accuracy
+plain 0.219, Detective 0.281 (8 wins, 6 losses: within noise, both near chance 0.25); parsed
+accuracy the same, 6 Detective replies unparsed; option-text accuracy plain 0.219, Detective
+0.375 (5 wins, 0 losses; sign test p = 0.06); evidence F1 0.125 -> 0.180. The model rarely
+writes the four steps (most replies are ``The answer is: D.``), and its letters follow a
+position bias (plain: C for 27 of 32 items; Detective: D for 20 of 32), not the evidence.
 
 Run files: ``replies.jsonl`` (every reply, its scores and answers per condition).
 
-JSON: ``acc_plain``, ``acc_detective`` (log-prob answers); also ``acc_parsed`` (per condition,
-parsed free text), ``unparsed`` (per condition), ``evidence_overlap`` (per condition),
+JSON: ``acc_plain``, ``acc_detective`` (letter log-prob answers); also ``acc_text`` (per
+condition, option texts scored, see `text_logprobs`), ``acc_parsed`` (per condition, parsed
+free text), ``unparsed`` (per condition), ``evidence_overlap`` (per condition),
 ``detective_wins`` / ``detective_losses`` (items right only with detective / only with plain),
 ``n``, ``by_source`` (accuracy per item source) and ``dataset``.
 
