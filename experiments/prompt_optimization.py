@@ -20,7 +20,22 @@ Tasks (``task``):
 Expected (the papers' claim, a goal rather than a test): the optimized prompt beats the seed
 prompt on the test set, for a few hundred LLM calls. A 135M model is a poor optimizer: its
 analyses and rewrites are often off-format or off-topic (the fallbacks are counted in
-``notes``), so the gain can be nil; see the README for the numbers measured here.
+``notes``), so the gain can be nil.
+
+Measured with the ``cpu`` preset (language task, 8 languages, 24 train / 24 val / 48 test,
+2 shared cores at load ~13; chance 0.125):
+
+    optimizer  test seed  test optimized  val seed -> best  LLM calls  wall   stopped
+    ampo       0.167      0.167           0.125 -> 0.125    118        18 min early stop (2 it.)
+    strago     0.167      0.188           0.125 -> 0.167    234        11 min max_iters (2 it.)
+
+StraGo ACR / BCR per iteration: 0.00 / 0.05, then 0.00 / 0.00. SmolLM2 scores "English" for
+almost every phrase whatever the instruction, and as optimizer it never wrote a parsable
+``PATTERN`` or ``ADD | IF | THEN`` line (AMPO fell back to one branch per reason line, no
+change on validation) nor a ``BEST:`` line; StraGo's best prompt ("The instruction is asking
+the model to read the text and provide its language. ...") is a rephrasing of its own analysis
+and its +1 test item is noise. No gain from the papers' methods is visible at this scale; the
+control flow is checked with scripted models in tests/prompt.
 
 JSON: ``test_acc_seed``, ``test_acc_optimized``, ``llm_calls`` (task + optimizer calls of the
 optimization run; the final test scoring is not included), ``val_scores`` (per iteration),
