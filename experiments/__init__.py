@@ -18,4 +18,9 @@ MODULES = (
     "scale",
     "inference",
     "mod",
+    "videollm_mod",
+    "detective",
+    "msier",
+    "multimodal",
+    "prompt_optimization",
 )

@@ -4,6 +4,7 @@
     jaxeff run NAME [--preset smoke|cpu|demo] [--set a.b=value ...] [--out DIR] [--resume]
     jaxeff generate "prompt" [--chat] [--model FILE.gguf] [--max-new-tokens N] [--temperature T]
     jaxeff chat [--system TEXT] [--model FILE.gguf]
+    jaxeff serve [--model FILE.gguf] [--host 127.0.0.1] [--port 8000]
 
 Progress goes to stderr; the last line on stdout is one JSON object with the final metrics
 (also written to ``summary.json`` in the run directory). A bad name, preset, key or value is
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7)
         p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
         p.add_argument("--seed", type=int, default=0)
+    serve = sub.add_parser("serve", help="serve a local GGUF model as an OpenAI-compatible API")
+    serve.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost)")
+    serve.add_argument("--port", type=int, default=8000)
     return parser
 
 
@@ -108,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "chat":
             return _chat(args)
+        if args.command == "serve":
+            from jaxeff.llm.serve import serve
+
+            serve(args.model, args.host, args.port)
+            return 0
         if args.command == "list":
             for name, exp in experiment.registry().items():
                 presets = ",".join(exp.presets)
@@ -124,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError, CheckpointError and bad data are ValueErrors
         return _fail(err)
     except KeyboardInterrupt:
+        if args.command == "serve":
+            return 0
         return _fail("interrupted; continue with --resume")
     print(json.dumps(summary), flush=True)
     return 0

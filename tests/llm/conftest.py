@@ -53,3 +53,12 @@ def torch_one_thread():
     """Runs the test with torch on one thread (see `one_torch_thread`)."""
     with one_torch_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_backend(smollm2):
+    """`jaxeff.llm.backends.LocalBackend` on the session's SmolLM2 (one compiled generator
+    shared by the backend, serve and prompt-optimization tests)."""
+    from jaxeff.llm.backends import LocalBackend
+
+    return LocalBackend(smollm2, bucket=64, max_batch=4)
