@@ -89,6 +89,7 @@ class Generator:
         self._init_cache = model.init_cache
         self._prefill = jax.jit(self._step, donate_argnums=(1,), static_argnames=("mode",))
         self._decode = jax.jit(self._step, donate_argnums=(1,), static_argnames=("mode",))
+        self.last_cache_bytes = 0
 
     def _step(self, weights, cache, tokens, positions, offset, key, temperature, top_p, mode):
         state, layers = jax.tree.unflatten(self._weights_def, weights)
@@ -135,6 +136,8 @@ class Generator:
             positions[r, prompt_len - len(ids) :] = np.arange(len(ids))
             lengths[r] = len(ids)
         cache = self._init_cache(rows, cache_len)
+        # what this request's KV cache occupies (routed layers of a MoD model hold fewer slots)
+        self.last_cache_bytes = int(sum(a.nbytes for a in jax.tree.leaves(cache)))
         key = jax.random.PRNGKey(seed)
         temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
         key, sub = jax.random.split(key)

@@ -49,6 +49,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -72,6 +73,75 @@ class Route(NamedTuple):
     indices: jax.Array
     valid: jax.Array
     mask: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModConfig:
+    """Routed (Mixture-of-Depths) layers in the shared decoder (`TransformerConfig.mod`).
+
+    Attributes:
+      router: ``"topk"`` (MoD expert-choice top-k over the sequence, ``capacity``) or
+        ``"threshold"`` (MoDification: a token runs the layer iff ``sigmoid(r_i) > p``).
+      capacity: top-k capacity ``c`` in (0, 1] (``k = max(1, floor(c S))``).
+      p: threshold in [0, 1).
+      every: one routed layer every ``every`` layers (the last of each run; ``n_layers`` must
+        divide by it). MoD's best: 2 (every other block).
+      weighting: output scale ``w_i`` (`router_weights`); None: ``"raw"`` for top-k (MoD's
+        ``r_i``), ``"none"`` for threshold (a converted model keeps its block outputs).
+      router_bce_weight: weight of the top-k auxiliary BCE (router logit vs top-k membership),
+        which makes ``r_i > 0`` a causal decision for decoding.
+      predictor_hidden: > 0 adds MoD's small MLP predictor on ``stop_gradient(x)``, trained by
+        BCE against the top-k decision (aux ``mod_predictor_bce``, weight 1: it cannot move the
+        model); causal decoding then routes by ``predictor > 0``.
+      cache_fraction: causal routing (threshold, or top-k decoded with the predictor) computes
+        at most ``ceil(cache_fraction * S)`` tokens per row and routed layer (the earliest routed
+        ones; later routed tokens are skipped): the routed layers' KV caches hold that many
+        slots, so a full forward of ``S`` tokens and decoding into a cache of ``S`` slots agree.
+      keep_first: the first ``keep_first`` positions are always computed under causal routing
+        (attention sinks; a decision by position, still causal).
+    """
+
+    router: str = "topk"
+    capacity: float = 0.125
+    p: float = 0.5
+    every: int = 2
+    weighting: str | None = None
+    router_bce_weight: float = 0.01
+    predictor_hidden: int = 0
+    cache_fraction: float = 1.0
+    keep_first: int = 0
+
+    def __post_init__(self):
+        checks = {
+            "router": (self.router in ("topk", "threshold"), "'topk' or 'threshold'"),
+            "capacity": (0.0 < self.capacity <= 1.0, "in (0, 1]"),
+            "p": (0.0 <= self.p < 1.0, "in [0, 1)"),
+            "every": (self.every >= 1, ">= 1"),
+            "weighting": (self.weighting in (None, *WEIGHTINGS), f"None or one of {WEIGHTINGS}"),
+            "router_bce_weight": (self.router_bce_weight >= 0, ">= 0"),
+            "predictor_hidden": (self.predictor_hidden >= 0, ">= 0"),
+            "cache_fraction": (0.0 < self.cache_fraction <= 1.0, "in (0, 1]"),
+            "keep_first": (self.keep_first >= 0, ">= 0"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"ModConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
+
+    @property
+    def output_weighting(self) -> str:
+        return self.weighting or ("raw" if self.router == "topk" else "none")
+
+    def max_tokens(self, length: int) -> int:
+        """Routed-layer slots for a sequence (or cache) of ``length``: ``ceil(f * length)``."""
+        return max(1, min(length, int(math.ceil(self.cache_fraction * length - 1e-9))))
+
+
+def causal_mask_from_scores(
+    scores: jax.Array, threshold: float, positions: jax.Array, keep_first: int = 0
+) -> jax.Array:
+    """Per-token, causal routing decision ``[B, T]``: ``scores > threshold`` or position
+    ``< keep_first``; padding (position < 0) is never routed."""
+    return ((scores > threshold) | (positions < keep_first)) & (positions >= 0)
 
 
 def _check_capacity(capacity: float, name: str = "capacity") -> None:
