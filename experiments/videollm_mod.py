@@ -11,7 +11,7 @@ layer, so they are absent from its attention and activations). Caption tokens ar
 BPE trained on the training captions. Vision tokens are ~90% of the sequence, as in real
 video-LLMs.
 
-    jaxeff run videollm-mod --preset cpu     # ~11 min on 2 cores shared at load ~12
+    jaxeff run videollm-mod --preset cpu     # 8 min on 2 shared cores at load ~4 (~15 at ~12)
     jaxeff run videollm-mod --preset smoke   # seconds; what the tests run
 
 Measured quantities:
@@ -35,15 +35,18 @@ better quality. Targets (a goal, not a test): ``step_time_ratio`` <= 0.7, ``peak
 
 Measured here (cpu preset: 8 frames of 32x32, 64 patches each, 2 scenes' caption blocks of 40
 tokens: 600 tokens, 85% vision; 4 layers of width 128, layers 1 and 3 routed, 184 tokens
-computed there; batch 4, 100 steps, 256 training and 32 held-out clips; 2 cores shared with
-other jobs at load ~12): step 2.37 s dense vs 1.51 s routed (``step_time_ratio`` 0.637, goal
-met; 0.612 in an earlier run), peak 505 MB vs 315 MB (``peak_mem_ratio`` 0.624, goal met;
-scratch alone 494 vs 304 MB), XLA FLOPs ratio 0.616, held-out caption loss 0.871 dense vs
-0.870 routed nats/token (-0.1%, goal met; ln(514) = 6.2 for a uniform guess). But with each
-clip's frames swapped for another clip's the loss is 0.873 / 0.871: after 100 steps neither
-model uses the video yet (it has learned the captions' grammar and word frequencies), so the
-loss parity says nothing about vision quality under routing. Testing that needs a run long
-enough for ``loss_wrong_video`` to move away from the held-out loss.
+computed there; batch 4, 240 steps at peak lr 2e-3, 256 training and 32 held-out clips; 2
+cores shared with other jobs): step 1.02 s dense vs 0.65 s routed (``step_time_ratio`` 0.633,
+goal met; 0.612 and 0.637 in 100-step runs at load ~12), peak 505 MB vs 315 MB
+(``peak_mem_ratio`` 0.624, goal met; scratch alone 494 vs 304 MB), XLA FLOPs ratio 0.616,
+held-out caption loss 0.752 dense vs 0.773 routed nats/token (+2.8%, goal met; ln(514) = 6.2
+for a uniform guess). With each clip's frames swapped for another clip's the loss rises to
+0.858 (dense, +0.106) and 0.812 (routed, +0.038): both models read the video, the routed one
+less so far. After 100 steps neither did (swap: +0.002), so short runs say nothing about
+vision quality. At peak lr 3e-3 (240 steps) the dense model reached 0.757 but the routed one
+diverged near step 70 (train loss 1.0 -> 4.4, no recovery): routed training is less stable at
+high learning rates here. Next: log router-score and gradient-norm statistics, and try a
+router z-loss, an RMS-normalised router input or a lower router learning rate.
 
 JSON: ``step_time_ratio``, ``peak_mem_ratio``, ``loss_dense``, ``loss_mod``, and
 ``step_time_s``, ``peak_mem_bytes``, ``temp_bytes``, ``flops``, ``train_loss``,
@@ -86,7 +89,7 @@ class VideoLLMModConfig:
     train_clips: int = 256
     eval_clips: int = 32
     batch_size: int = 4
-    steps: int = 100
+    steps: int = 240
     learning_rate: float = 2e-3
     warmup_steps: int = 10
     weight_decay: float = 0.01
