@@ -393,7 +393,12 @@ def encode_images(model: CLIP, images, batch: int = 256) -> np.ndarray:
 
 def encode_texts(model: CLIP, tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
     """float32 ``[N, E]`` L2-normalised text embeddings of ``texts``."""
-    return np.asarray(_encode_text(model, tok.encode(list(texts), model.cfg.text_length)))
+    tokens = tok.encode(list(texts), model.cfg.text_length)
+    n = len(tokens)
+    # pad to a multiple of 16 rows so prompt sets of different sizes share one compilation
+    padded = np.concatenate([tokens, np.zeros((-n % 16, tokens.shape[1]), np.int32)])
+    padded[n:, 0] = 1  # an empty caption (<eot> only) for the padding rows
+    return np.asarray(_encode_text(model, padded))[:n]
 
 
 def zero_shot_logits(model: CLIP, tok: Tokenizer, images, prompts: Sequence[str]) -> np.ndarray:
