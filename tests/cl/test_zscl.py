@@ -115,3 +115,11 @@ def test_bad_configs_are_rejected():
         zscl._pad_classes(np.zeros((zscl.MAX_CLASSES + 1, 4), np.int32))
     tokens, valid = zscl._pad_classes(np.arange(6).reshape(3, 2))
     assert tokens.shape == (zscl.MAX_CLASSES, 2) and valid.sum() == 3
+
+
+def test_l2_to_task_start_weights_matches_numpy():
+    rng = np.random.default_rng(3)
+    w = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=5)}
+    w0 = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=5)}
+    expected = sum(float(np.sum((w[k] - w0[k]) ** 2)) for k in w)
+    assert float(zscl.l2_to(w, w0)) == pytest.approx(expected, rel=1e-6)
