@@ -597,79 +597,65 @@ class Transformer(nnx.Module):
                 x, _ = body(x, layer)
         return self.final_norm(x), {}, None
 
-    def _moe_layers(self, x, cos, sin, mask, layer_keys, train: bool):
-        """Runs ``n_layers / every`` groups of ``every - 1`` dense blocks and one MoE block
-        under one scan; aux losses are summed over MoE layers, routing stacked."""
+    def _grouped_layers(self, x, cos, sin, dense_mask, layer_keys, special, every, run_special):
+        """Runs ``len(special)`` groups of ``every - 1`` dense blocks and one ``special``
+        block (MoE or routed) under one scan. ``run_special(block, h, key) -> (h, aux, info)``;
+        aux losses are summed over the special layers, ``info`` stacked ``[groups, ...]``."""
         cfg = self.cfg
-        every, groups = cfg.moe.every, cfg.n_moe_layers
+        groups = cfg.n_layers // every
         dense_def, dense = (None, None) if self.blocks is None else nnx.split(self.blocks)
         if dense is not None:
             dense = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
-        moe_def, moe = nnx.split(self.moe_blocks)
+        special_def, special_p = nnx.split(special)
         if layer_keys is not None:
             layer_keys = layer_keys.reshape(groups, every, *layer_keys.shape[1:])
 
         def body(h, layer):
-            dense_p, moe_p, keys = layer
-            for i in range(every - 1):
-                block = nnx.merge(dense_def, jax.tree.map(lambda a, i=i: a[i], dense_p))
-                h = block(h, cos, sin, mask, None if keys is None else keys[i])
-            block = nnx.merge(moe_def, moe_p)
-            key = None if keys is None else keys[every - 1]
-            h, aux, routing = block(h, cos, sin, mask, key, train=train)
-            return h, (aux, {"expert_index": routing.expert_index, "kept": routing.kept})
-
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        if cfg.scan_layers:
-            x, (aux, routing) = jax.lax.scan(body, x, (dense, moe, layer_keys))
-        else:
-            outs = []
-            for g in range(groups):
-                layer = jax.tree.map(lambda a, g=g: a[g], (dense, moe, layer_keys))
-                x, out = body(x, layer)
-                outs.append(out)
-            aux, routing = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        aux = {name: jnp.sum(value) for name, value in aux.items()}
-        return self.final_norm(x), aux, routing
-
-    def _mod_layers(self, x, cos, sin, positions, mask, layer_keys, causal: bool):
-        """Runs ``n_layers / every`` groups of ``every - 1`` dense blocks and one routed
-        `ModBlock` under one scan; aux losses are summed over routed layers, routing info
-        stacked ``[n_mod_layers, ...]``."""
-        cfg = self.cfg
-        every, groups = cfg.mod.every, cfg.n_mod_layers
-        dense_mask = causal_mask(x.shape[1]) if mask is None else mask
-        dense_def, dense = (None, None) if self.blocks is None else nnx.split(self.blocks)
-        if dense is not None:
-            dense = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
-        mod_def, routed = nnx.split(self.mod_blocks)
-        if layer_keys is not None:
-            layer_keys = layer_keys.reshape(groups, every, *layer_keys.shape[1:])
-
-        def body(h, layer):
-            dense_p, mod_p, keys = layer
+            dense_p, sp, keys = layer
             for i in range(every - 1):
                 block = nnx.merge(dense_def, jax.tree.map(lambda a, i=i: a[i], dense_p))
                 h = block(h, cos, sin, dense_mask, None if keys is None else keys[i])
-            block = nnx.merge(mod_def, mod_p)
             key = None if keys is None else keys[every - 1]
-            h, aux, info = block(h, cos, sin, positions, mask, key, causal=causal)
+            h, aux, info = run_special(nnx.merge(special_def, sp), h, key)
             return h, (aux, info)
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         if cfg.scan_layers:
-            x, (aux, info) = jax.lax.scan(body, x, (dense, routed, layer_keys))
+            x, (aux, info) = jax.lax.scan(body, x, (dense, special_p, layer_keys))
         else:
             outs = []
             for g in range(groups):
-                layer = jax.tree.map(lambda a, g=g: a[g], (dense, routed, layer_keys))
+                layer = jax.tree.map(lambda a, g=g: a[g], (dense, special_p, layer_keys))
                 x, out = body(x, layer)
                 outs.append(out)
             aux, info = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         aux = {name: jnp.sum(value) for name, value in aux.items()}
         return self.final_norm(x), aux, info
+
+    def _moe_layers(self, x, cos, sin, mask, layer_keys, train: bool):
+        """Groups of dense blocks and one MoE block (see `_grouped_layers`); routing stacked
+        ``[n_moe_layers, ...]``."""
+
+        def run(block, h, key):
+            h, aux, routing = block(h, cos, sin, mask, key, train=train)
+            return h, aux, {"expert_index": routing.expert_index, "kept": routing.kept}
+
+        every = self.cfg.moe.every
+        return self._grouped_layers(x, cos, sin, mask, layer_keys, self.moe_blocks, every, run)
+
+    def _mod_layers(self, x, cos, sin, positions, mask, layer_keys, causal: bool):
+        """Groups of dense blocks and one routed `ModBlock` (see `_grouped_layers`); routing
+        info stacked ``[n_mod_layers, ...]``."""
+        dense_mask = causal_mask(x.shape[1]) if mask is None else mask
+
+        def run(block, h, key):
+            return block(h, cos, sin, positions, mask, key, causal=causal)
+
+        every = self.cfg.mod.every
+        return self._grouped_layers(
+            x, cos, sin, dense_mask, layer_keys, self.mod_blocks, every, run
+        )
 
     def mod_routing(self, tokens, *, causal: bool = False) -> dict:
         """Routing of every routed (MoD) layer on ``tokens [B, S]`` (no dropout): ``mask``
