@@ -37,14 +37,11 @@ import random
 import re
 from collections.abc import Sequence
 
-from jaxeff.llm.backends import ChatBackend
 from jaxeff.prompt.optimize import (
     CallCounter,
-    Example,
     OptimizationResult,
-    TaskRunner,
+    PromptOptimizer,
     ask,
-    check_sets,
     render,
 )
 
@@ -182,7 +179,7 @@ def apply_changes(
 
 
 @dataclasses.dataclass
-class AMPO:
+class AMPO(PromptOptimizer):
     """The AMPO optimizer (see the module docstring).
 
     Args:
@@ -200,14 +197,6 @@ class AMPO:
       templates: the role prompts; max_tokens: optimizer reply length.
     """
 
-    task_model: ChatBackend
-    optimizer_model: ChatBackend
-    train: Sequence[Example]
-    val: Sequence[Example]
-    seed_prompt: str
-    runner: TaskRunner | None = None
-    max_iters: int = 5
-    patience: int = 2
     batch_size: int = 16
     max_failures: int = 4
     top_k: int = 2
@@ -215,17 +204,11 @@ class AMPO:
     max_branches: int = 6
     temperature: float = 0.8
     templates: AMPOTemplates = dataclasses.field(default_factory=AMPOTemplates)
-    max_tokens: int = 96
-    seed: int = 0
-    progress: bool = True
+
+    positive_fields = ("max_iters", "patience", "batch_size", "max_failures", "top_k")
 
     def __post_init__(self):
-        check_sets(self.train, self.val)
-        if self.runner is None:
-            self.runner = TaskRunner(self.task_model)
-        for name in ("max_iters", "patience", "batch_size", "max_failures", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AMPO.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if self.num_candidates < 1 or self.max_branches < 0:
             raise ValueError("AMPO needs num_candidates >= 1 and max_branches >= 0")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from jaxeff.llm.backends import ChatBackend
 
@@ -179,6 +180,46 @@ def check_sets(train: Sequence[Example], val: Sequence[Example]) -> None:
     for name, items in (("train", train), ("val", val)):
         if not items or not all(isinstance(e, Example) for e in items):
             raise ValueError(f"{name} must be a non-empty list of Example(input, target)")
+
+
+@dataclasses.dataclass
+class PromptOptimizer:
+    """The fields and checks every prompt optimizer (`AMPO`, `StraGo`) shares.
+
+    Args:
+      task_model: answers the task (`jaxeff.llm.backends.ChatBackend`).
+      optimizer_model: writes the analyses and revisions (may be ``task_model``).
+      train, val: examples; cases come from ``train``, selection uses ``val``.
+      seed_prompt: the starting instruction.
+      runner: scores prompts with ``task_model`` (default `TaskRunner(task_model)`).
+      max_iters, patience: iterations at most; early stop after ``patience`` without gain.
+      max_tokens: optimizer reply length; seed: sampling seed; progress: a progress bar.
+    """
+
+    task_model: ChatBackend
+    optimizer_model: ChatBackend
+    train: Sequence[Example]
+    val: Sequence[Example]
+    seed_prompt: str
+    runner: TaskRunner | None = None
+    max_iters: int = 5
+    patience: int = 2
+    max_tokens: int = 96
+    seed: int = 0
+    progress: bool = True
+
+    # integer fields that must be >= 1 (subclasses extend the tuple)
+    positive_fields: ClassVar[tuple[str, ...]] = ("max_iters", "patience")
+
+    def __post_init__(self):
+        check_sets(self.train, self.val)
+        if self.runner is None:
+            self.runner = TaskRunner(self.task_model)
+        for name in self.positive_fields:
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}"
+                )
 
 
 @dataclasses.dataclass

@@ -42,14 +42,11 @@ import random
 import re
 from collections.abc import Sequence
 
-from jaxeff.llm.backends import ChatBackend
 from jaxeff.prompt.optimize import (
     CallCounter,
-    Example,
     OptimizationResult,
-    TaskRunner,
+    PromptOptimizer,
     ask,
-    check_sets,
     render,
     strip_quotes,
     tagged,
@@ -147,7 +144,7 @@ def parse_prompt(reply: str, max_chars: int = 2000) -> str | None:
 
 
 @dataclasses.dataclass
-class StraGo:
+class StraGo(PromptOptimizer):
     """The StraGo optimizer (see the module docstring).
 
     Args:
@@ -161,30 +158,16 @@ class StraGo:
       templates: the role prompts; max_tokens: optimizer reply length.
     """
 
-    task_model: ChatBackend
-    optimizer_model: ChatBackend
-    train: Sequence[Example]
-    val: Sequence[Example]
-    seed_prompt: str
-    runner: TaskRunner | None = None
-    max_iters: int = 5
-    patience: int = 2
     n_success: int = 1
     n_failure: int = 2
     n_strategies: int = 2
     n_crossover: int = 1
     templates: StraGoTemplates = dataclasses.field(default_factory=StraGoTemplates)
-    max_tokens: int = 96
-    seed: int = 0
-    progress: bool = True
+
+    positive_fields = ("max_iters", "patience", "n_strategies")
 
     def __post_init__(self):
-        check_sets(self.train, self.val)
-        if self.runner is None:
-            self.runner = TaskRunner(self.task_model)
-        for name in ("max_iters", "patience", "n_strategies"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StraGo.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if self.n_success < 0 or self.n_failure < 1 or self.n_crossover < 0:
             raise ValueError("StraGo needs n_success >= 0, n_failure >= 1, n_crossover >= 0")
 
