@@ -353,9 +353,9 @@ def _sub_mask(mask, idx, length: int):
     ]
 
 
-class ModBlock(nnx.Module):
-    """A Mixture-of-Depths decoder layer (`jaxeff.nn.mod`): a router picks the tokens that run
-    the pre-norm layer (attention + SwiGLU MLP, the parameters of `Block`); the others pass
+class ModBlock(Block):
+    """A Mixture-of-Depths decoder layer (`jaxeff.nn.mod`): a `Block` with a router, which picks
+    the tokens that run the pre-norm layer (attention + SwiGLU MLP); the others pass
     unchanged and are absent from its attention. Routed token ``i`` gets
     ``x_i + w_i f_i(X_routed)`` with ``f`` the layer's residual branch at the tokens' original
     RoPE positions and ``w_i`` from the router (`ModConfig.output_weighting`).
@@ -365,11 +365,7 @@ class ModBlock(nnx.Module):
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg, rngs=rngs)
+        super().__init__(cfg, rngs=rngs)
         init = nnx.initializers.normal(cfg.init_std)
         self.router = nnx.Linear(cfg.dim, 1, kernel_init=init, rngs=rngs)
         self.predictor = nnx.data(None)
@@ -404,10 +400,8 @@ class ModBlock(nnx.Module):
         return mod_lib.causal_mask_from_scores(scores, threshold, positions, m.keep_first)
 
     def layer(self, x, cos, sin, mask, dropout_key=None):
-        """The pre-norm layer on (gathered) tokens, as `Block`."""
-        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        x = x + _dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.cfg.dropout, keys[0])
-        return x + _dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, keys[1])
+        """The pre-norm layer on (gathered) tokens: `Block`'s forward, unchanged."""
+        return Block.__call__(self, x, cos, sin, mask, dropout_key)
 
     def __call__(self, x, cos, sin, positions, mask=None, dropout_key=None, *, causal=False):
         """``x [B, S, dim]``, RoPE tables ``cos, sin [B, S, d]``, ``positions [B, S]``; ``mask``
