@@ -353,7 +353,7 @@ def with_per_sample_loss(loss_fn: Callable) -> Callable:
     losses, gradient-stopped) for `InfoBatch.update`."""
     import jax
 
-    from jaxeff.train.loop import LossOutput
+    from jaxeff.train.losses import LossOutput
 
     def wrapped(graphdef, params, batch, rng) -> LossOutput:
         out = loss_fn(graphdef, params, batch, rng)

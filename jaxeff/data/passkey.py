@@ -309,6 +309,7 @@ def passkey_accuracy(model, items: PasskeySet, batch_size: int = 8) -> float:
     for lo in range(0, len(items), batch_size):
         tokens = jnp.asarray(items.tokens[lo : lo + batch_size])
         logits = model(tokens)
+        logits = logits[0] if isinstance(logits, tuple) else logits  # a Transformer: (logits, cache)
         pos = jnp.asarray(items.answer_positions[lo : lo + batch_size]) - 1
         pred = jnp.argmax(logits[jnp.arange(pos.shape[0])[:, None], pos], axis=-1)
         correct.append(score_passkey(np.asarray(pred), items.answer_ids[lo : lo + batch_size]))

@@ -177,7 +177,7 @@ def logits_at(model: Transformer, hidden, positions) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _window_nll_sum(graphdef, state, windows):
-    logits = nnx.merge(graphdef, state)(windows[:, :-1])
+    logits, _ = nnx.merge(graphdef, state)(windows[:, :-1])
     logz = jax.nn.logsumexp(logits, axis=-1)
     gold = jnp.take_along_axis(logits, windows[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(logz - gold)

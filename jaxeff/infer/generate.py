@@ -1,7 +1,8 @@
 """Batched autoregressive generation with a KV cache.
 
 A batch of prompts is left-padded to a common length, run through the model once (prefill) and
-then decoded one token per step into a preallocated KV cache (`Transformer.forward_cached`).
+then decoded one token per step into a preallocated KV cache (``Transformer.__call__`` with
+``cache=``; the cache's ``index`` is the next slot).
 Shapes are bucketed (batch to a power of two, prompt and cache lengths to multiples of
 ``bucket``) so that a `Generator` compiles once per bucket, not once per request, and the
 decode step donates its cache so that XLA updates it in place.
@@ -63,8 +64,9 @@ class Generator:
     """Compiled prefill and decode steps for one model, reused across requests.
 
     Args:
-      model: a `jaxeff.nn.transformer.Transformer` (or any module with ``init_cache`` and
-        ``forward_cached``).
+      model: a `jaxeff.nn.transformer.Transformer` (or any module with ``init_cache`` and a
+        ``__call__(tokens, positions, cache=...) -> (logits, cache)``; ``unstacked()``, when
+        present, gives the per-layer copy that decodes).
       bucket: prompt and new-token lengths are rounded up to multiples of this.
       max_len: the longest prompt + generation allowed (default: the model's max_seq_len).
 
@@ -79,11 +81,13 @@ class Generator:
     def __init__(self, model, *, bucket: int = 64, max_len: int | None = None):
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
-        self.graphdef, self.state = nnx.split(model)
-        self.layers = model.unstack_layers() if hasattr(model, "unstack_layers") else None
+        # per-layer weights: slicing stacked ones inside the decode loop costs as much as the
+        # matmuls of a one-token step
+        decoder = model.unstacked() if hasattr(model, "unstacked") else model
+        self.graphdef, self.state = nnx.split(decoder)
         # Flattened once: flattening the nnx State (hundreds of Variables) on every call costs
         # ~10 ms of Python per decode step; a list of arrays is flattened in C++.
-        self._weights, self._weights_def = jax.tree.flatten((self.state, self.layers))
+        self._weights, self._weights_def = jax.tree.flatten(self.state)
         self.bucket = bucket
         self.max_len = max_len or getattr(model.cfg, "max_seq_len", None)
         self._init_cache = model.init_cache
@@ -91,10 +95,9 @@ class Generator:
         self._decode = jax.jit(self._step, donate_argnums=(1,), static_argnames=("mode",))
         self.last_cache_bytes = 0
 
-    def _step(self, weights, cache, tokens, positions, offset, key, temperature, top_p, mode):
-        state, layers = jax.tree.unflatten(self._weights_def, weights)
-        model = nnx.merge(self.graphdef, state)
-        logits, cache = model.forward_cached(tokens, positions, cache, offset, layers)
+    def _step(self, weights, cache, tokens, positions, key, temperature, top_p, mode):
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._weights_def, weights))
+        logits, cache = model(tokens, positions, cache=cache)
         return sample_logits(logits[:, -1], key, temperature, top_p, mode), cache
 
     def generate(
@@ -147,7 +150,6 @@ class Generator:
             cache,
             jnp.asarray(tokens),
             jnp.asarray(positions),
-            0,
             sub,
             temp,
             nucleus,
@@ -173,7 +175,6 @@ class Generator:
                 cache,
                 nxt[:, None],
                 pos,
-                prompt_len + step,
                 sub,
                 temp,
                 nucleus,

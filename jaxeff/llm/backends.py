@@ -371,7 +371,7 @@ class LocalBackend:
             @jax.jit
             def score(state, tokens, positions, mask, gather, targets):
                 model = nnx.merge(graphdef, state)
-                hidden = model.hidden_states(tokens, positions, mask)
+                hidden, _ = model(tokens, positions, mask=mask, return_hidden=True)
                 picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
                 logp = jax.nn.log_softmax(model.logits_from_hidden(picked), axis=-1)
                 return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

@@ -58,9 +58,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxeff.nn.config import ROUTERS, WEIGHTINGS, ModConfig  # noqa: F401 (re-exported)
+
 BlockFn = Callable[[jax.Array, jax.Array], jax.Array]
-ROUTERS = ("topk", "threshold", "frame_topr")
-WEIGHTINGS = ("raw", "sigmoid", "none")
 
 
 class Route(NamedTuple):
@@ -73,67 +73,6 @@ class Route(NamedTuple):
     indices: jax.Array
     valid: jax.Array
     mask: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class ModConfig:
-    """Routed (Mixture-of-Depths) layers in the shared decoder (`TransformerConfig.mod`).
-
-    Attributes:
-      router: ``"topk"`` (MoD expert-choice top-k over the sequence, ``capacity``) or
-        ``"threshold"`` (MoDification: a token runs the layer iff ``sigmoid(r_i) > p``).
-      capacity: top-k capacity ``c`` in (0, 1] (``k = max(1, floor(c S))``).
-      p: threshold in [0, 1).
-      every: one routed layer every ``every`` layers (the last of each run; ``n_layers`` must
-        divide by it). MoD's best: 2 (every other block).
-      weighting: output scale ``w_i`` (`router_weights`); None: ``"raw"`` for top-k (MoD's
-        ``r_i``), ``"none"`` for threshold (a converted model keeps its block outputs).
-      router_bce_weight: weight of the top-k auxiliary BCE (router logit vs top-k membership),
-        which makes ``r_i > 0`` a causal decision for decoding.
-      predictor_hidden: > 0 adds MoD's small MLP predictor on ``stop_gradient(x)``, trained by
-        BCE against the top-k decision (aux ``mod_predictor_bce``, weight 1: it cannot move the
-        model); causal decoding then routes by ``predictor > 0``.
-      cache_fraction: causal routing (threshold, or top-k decoded with the predictor) computes
-        at most ``ceil(cache_fraction * S)`` tokens per row and routed layer (the earliest routed
-        ones; later routed tokens are skipped): the routed layers' KV caches hold that many
-        slots, so a full forward of ``S`` tokens and decoding into a cache of ``S`` slots agree.
-      keep_first: the first ``keep_first`` positions are always computed under causal routing
-        (attention sinks; a decision by position, still causal).
-    """
-
-    router: str = "topk"
-    capacity: float = 0.125
-    p: float = 0.5
-    every: int = 2
-    weighting: str | None = None
-    router_bce_weight: float = 0.01
-    predictor_hidden: int = 0
-    cache_fraction: float = 1.0
-    keep_first: int = 0
-
-    def __post_init__(self):
-        checks = {
-            "router": (self.router in ("topk", "threshold"), "'topk' or 'threshold'"),
-            "capacity": (0.0 < self.capacity <= 1.0, "in (0, 1]"),
-            "p": (0.0 <= self.p < 1.0, "in [0, 1)"),
-            "every": (self.every >= 1, ">= 1"),
-            "weighting": (self.weighting in (None, *WEIGHTINGS), f"None or one of {WEIGHTINGS}"),
-            "router_bce_weight": (self.router_bce_weight >= 0, ">= 0"),
-            "predictor_hidden": (self.predictor_hidden >= 0, ">= 0"),
-            "cache_fraction": (0.0 < self.cache_fraction <= 1.0, "in (0, 1]"),
-            "keep_first": (self.keep_first >= 0, ">= 0"),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"ModConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
-
-    @property
-    def output_weighting(self) -> str:
-        return self.weighting or ("raw" if self.router == "topk" else "none")
-
-    def max_tokens(self, length: int) -> int:
-        """Routed-layer slots for a sequence (or cache) of ``length``: ``ceil(f * length)``."""
-        return max(1, min(length, int(math.ceil(self.cache_fraction * length - 1e-9))))
 
 
 def causal_mask_from_scores(
@@ -271,7 +210,9 @@ def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def router_weights(logits: jax.Array, weighting: str) -> jax.Array:
     """Output scale ``w_i`` from router logits.
 
-    ``"raw"``: ``r_i`` itself (MoD); ``"sigmoid"``: ``sigmoid(r_i)``; ``"none"``: 1.
+    ``"raw"``: ``r_i`` itself (MoD); ``"sigmoid"``: ``sigmoid(r_i)``; ``"none"``: 1;
+    ``"straight_through"``: ``exp(log s(r_i) - stop_gradient(log s(r_i)))``, 1 exactly with the
+    gradient ``1 - s(r_i)`` (VideoLLM-MoD's routed layers, whose outputs are not rescaled).
     """
     if weighting == "raw":
         return logits
@@ -279,6 +220,9 @@ def router_weights(logits: jax.Array, weighting: str) -> jax.Array:
         return jax.nn.sigmoid(logits)
     if weighting == "none":
         return jnp.ones_like(logits)
+    if weighting == "straight_through":
+        ls = jax.nn.log_sigmoid(logits.astype(jnp.float32))
+        return jnp.exp(ls - jax.lax.stop_gradient(ls))
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
@@ -322,8 +266,97 @@ def routed_block(
     return jnp.where(route.mask[..., None], updated, x)
 
 
+class Router(nnx.Module):
+    """The one Mixture-of-Depths router of jaxeff: the decoder's routed layers
+    (`jaxeff.nn.transformer.ModBlock`), the video-LLM (`jaxeff.nn.videollm`) and the standalone
+    `RoutedBlock` all route through it.
+
+    A scalar logit per token ``r_i = w . x_i + b`` (``kernel [dim, 1]``, ``bias [1]``, float32)
+    and, with ``predictor_hidden > 0``, MoD's stop-gradient MLP ``predictor`` for causal
+    decoding of top-k layers. `route` turns logits into a `Route` by the rule of a `ModConfig`
+    (top-k, threshold-p or per-frame top-r) and returns the auxiliary losses (top-k training)
+    and the routing decisions.
+    """
+
+    def __init__(self, dim: int, *, predictor_hidden: int = 0, std: float = 0.02, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(std)
+        linear = nnx.Linear(dim, 1, kernel_init=init, rngs=rngs)
+        self.kernel, self.bias = linear.kernel, linear.bias
+        self.predictor = nnx.data(None)
+        if predictor_hidden:
+            self.predictor = nnx.Sequential(
+                nnx.Linear(dim, predictor_hidden, kernel_init=init, rngs=rngs),
+                jax.nn.silu,
+                nnx.Linear(predictor_hidden, 1, kernel_init=init, rngs=rngs),
+            )
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Router logits ``r_i`` ``[B, S]`` (float32)."""
+        x32 = x.astype(jnp.float32)
+        return (x32 @ self.kernel[...] + self.bias[...])[..., 0]
+
+    def predictor_logits(self, x: jax.Array) -> jax.Array:
+        """Predictor logits ``[B, S]`` on ``stop_gradient(x)``."""
+        if self.predictor is None:
+            raise ValueError("this router has no predictor (set ModConfig.predictor_hidden > 0)")
+        return self.predictor(jax.lax.stop_gradient(x).astype(jnp.float32))[..., 0]
+
+    def causal_mask(self, x, logits, positions, cfg: ModConfig) -> jax.Array:
+        """The per-token (causal) decision ``[B, S]``: ``sigmoid(r_i) > p`` for threshold
+        routing; for top-k ``predictor > 0`` (or ``r_i > 0`` without a predictor)."""
+        if cfg.router == "threshold":
+            scores, threshold = jax.nn.sigmoid(logits), cfg.p
+        elif self.predictor is not None:
+            scores, threshold = self.predictor_logits(x), 0.0
+        else:
+            scores, threshold = logits, 0.0
+        return causal_mask_from_scores(scores, threshold, positions, cfg.keep_first)
+
+    def route(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cfg: ModConfig,
+        *,
+        causal: bool = False,
+        frame_ids: jax.Array | None = None,
+        max_tokens: int | None = None,
+    ) -> tuple[Route, jax.Array, dict, dict]:
+        """``(route, weights [B, S], losses, info)`` for tokens ``x [B, S, dim]``.
+
+        Top-k (not ``causal``): expert choice over the sequence, losses ``router_bce_loss``
+        (weighted by ``cfg.router_bce_weight``) and, with a predictor, ``predictor_bce_loss``
+        (weight 1; it cannot move the model), info ``predictor_mask``. Threshold, or top-k with
+        ``causal``: the per-token decision of `causal_mask`, at most ``max_tokens`` (default
+        ``cfg.max_tokens(S)``) per row. Frame top-r: `frame_topr_route` with ``frame_ids``.
+        ``info["mask"]`` is the routed mask ``[B, S]``.
+        """
+        s = x.shape[1]
+        logits = self.logits(x)
+        losses, info = {}, {}
+        if cfg.router == "frame_topr":
+            if frame_ids is None:
+                raise ValueError(
+                    "router 'frame_topr' needs frame_ids ([batch, seq_len], -1 = text)"
+                )
+            route = frame_topr_route(logits, frame_ids, cfg.r, cfg.num_frames, max_tokens)
+        elif cfg.router == "topk" and not causal:
+            route = topk_route(logits, cfg.capacity)
+            target = jax.lax.stop_gradient(route.mask.astype(jnp.float32))
+            losses["router_bce_loss"] = cfg.router_bce_weight * bce_with_logits(logits, target)
+            if self.predictor is not None:
+                pred = self.predictor_logits(x)
+                losses["predictor_bce_loss"] = bce_with_logits(pred, target)
+                info["predictor_mask"] = pred > 0
+        else:
+            want = self.causal_mask(x, logits, positions, cfg)
+            route = mask_to_route(want, cfg.max_tokens(s) if max_tokens is None else max_tokens)
+        info["mask"] = route.mask
+        return route, router_weights(logits, cfg.output_weighting), losses, info
+
+
 class RoutedBlock(nnx.Module):
-    """A router plus optional decode predictor around any ``block_fn(x_sub, positions_sub)``.
+    """A `Router` around any ``block_fn(x_sub, positions_sub)`` (a standalone routed block).
 
     ``router``: ``"topk"`` (MoD; ``capacity``), ``"threshold"`` (MoDification; ``p``) or
     ``"frame_topr"`` (VideoLLM-MoD; ``r``, ``num_frames``, call with ``frame_ids``).
@@ -359,30 +392,32 @@ class RoutedBlock(nnx.Module):
             _check_capacity(r, "r")
         if router == "threshold" and not 0.0 <= p < 1.0:
             raise ValueError(f"threshold p must be in [0, 1), got {p!r}")
-        weighting = weighting or ("raw" if router == "topk" else "none")
-        if weighting not in WEIGHTINGS:
+        if weighting is not None and weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.router_kind, self.capacity, self.p, self.r = router, capacity, p, r
-        self.num_frames, self.weighting, self.max_tokens = num_frames, weighting, max_tokens
-        init = nnx.initializers.normal(0.02)
-        self.router = nnx.Linear(dim, 1, use_bias=True, kernel_init=init, rngs=rngs)
-        self.predictor = nnx.data(None)
-        if predictor_hidden > 0:
-            self.predictor = nnx.Sequential(
-                nnx.Linear(dim, predictor_hidden, kernel_init=init, rngs=rngs),
-                jax.nn.silu,
-                nnx.Linear(predictor_hidden, 1, kernel_init=init, rngs=rngs),
-            )
+        self.config = ModConfig(
+            router=router,
+            capacity=capacity,
+            p=p,
+            r=r,
+            num_frames=num_frames,
+            weighting=weighting,
+            router_bce_weight=1.0,
+            predictor_hidden=predictor_hidden,
+        )
+        self.max_tokens = max_tokens
+        self.router = Router(dim, predictor_hidden=predictor_hidden, rngs=rngs)
+
+    @property
+    def predictor(self):
+        return self.router.predictor
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Router logits ``[B, L]``."""
-        return self.router(x)[..., 0]
+        return self.router.logits(x)
 
     def predictor_logits(self, x: jax.Array) -> jax.Array:
         """Causal predictor logits ``[B, L]`` on ``stop_gradient(x)``."""
-        if self.predictor is None:
-            raise ValueError("this RoutedBlock has no predictor (set predictor_hidden > 0)")
-        return self.predictor(jax.lax.stop_gradient(x))[..., 0]
+        return self.router.predictor_logits(x)
 
     def __call__(
         self,
@@ -393,25 +428,10 @@ class RoutedBlock(nnx.Module):
         frame_ids: jax.Array | None = None,
         causal: bool = False,
     ) -> tuple[jax.Array, dict]:
-        logits = self.logits(x)
-        aux: dict = {}
-        if self.router_kind == "topk" and not causal:
-            route = topk_route(logits, self.capacity)
-            target = jax.lax.stop_gradient(route.mask.astype(jnp.float32))
-            aux["router_bce"] = bce_with_logits(logits, target)
-            if self.predictor is not None:
-                aux["predictor_bce"] = bce_with_logits(self.predictor_logits(x), target)
-        elif self.router_kind == "topk":
-            score = self.predictor_logits(x) if self.predictor is not None else logits
-            route = mask_to_route(score > 0, self.max_tokens)
-        elif self.router_kind == "threshold":
-            route = threshold_route(logits, self.p, self.max_tokens)
-        else:
-            if frame_ids is None:
-                raise ValueError(
-                    "router 'frame_topr' needs frame_ids ([batch, seq_len], -1 = text)"
-                )
-            route = frame_topr_route(logits, frame_ids, self.r, self.num_frames, self.max_tokens)
-        aux["mask"] = route.mask
-        out = routed_block(block_fn, x, positions, route, router_weights(logits, self.weighting))
-        return out, aux
+        max_tokens = x.shape[1] if self.max_tokens is None else self.max_tokens
+        route, weights, losses, info = self.router.route(
+            x, positions, self.config, causal=causal, frame_ids=frame_ids, max_tokens=max_tokens
+        )
+        aux = {name.removesuffix("_loss"): value for name, value in losses.items()}
+        aux["mask"] = info["mask"]
+        return routed_block(block_fn, x, positions, route, weights), aux

@@ -55,97 +55,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-CONVENTIONS = ("flaxformer", "maxtext")
-IMPLEMENTATIONS = ("einsum", "ragged_dot", "gmm")
+from jaxeff.nn.config import CONVENTIONS, IMPLEMENTATIONS, MoEConfig, expert_capacity  # noqa: F401
+
 EXPERT_PARAMS = ("gate", "up", "down")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """A Mixture-of-Experts FFN and where it goes in the decoder.
-
-    Attributes:
-      num_experts: ``E``.
-      top_k: experts per token (OpenMoE: 2).
-      expert_dim: hidden width of each SwiGLU expert.
-      every: one MoE layer every ``every`` decoder layers (the last of each run of ``every``);
-        ``n_layers`` must divide by it. OpenMoE uses 4 or 6.
-      residual: residual MoE, ``x + MoE(x) + FFN(x)`` (OpenMoE); False: ``x + MoE(x)``.
-      capacity_factor / eval_capacity_factor: ``cf`` in training / evaluation.
-      min_capacity: lower bound on ``C``.
-      capacity_convention: "flaxformer" (``cf S / E``) or "maxtext" (``cf S k / E``).
-      implementation: "einsum", "ragged_dot" or "gmm" (see the module docstring).
-      load_balance_weight / z_loss_weight: weights of the auxiliary losses.
-    """
-
-    num_experts: int = 8
-    top_k: int = 2
-    expert_dim: int = 256
-    every: int = 4
-    residual: bool = True
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    capacity_convention: str = "flaxformer"
-    implementation: str = "einsum"
-    load_balance_weight: float = 0.01
-    z_loss_weight: float = 1e-4
-
-    def __post_init__(self):
-        checks = {
-            "num_experts": (self.num_experts >= 1, ">= 1"),
-            "top_k": (1 <= self.top_k <= self.num_experts, "in 1..num_experts"),
-            "expert_dim": (self.expert_dim >= 1, ">= 1"),
-            "every": (self.every >= 1, ">= 1"),
-            "capacity_factor": (self.capacity_factor > 0, "> 0"),
-            "eval_capacity_factor": (self.eval_capacity_factor > 0, "> 0"),
-            "min_capacity": (self.min_capacity >= 0, ">= 0"),
-            "load_balance_weight": (self.load_balance_weight >= 0, ">= 0"),
-            "z_loss_weight": (self.z_loss_weight >= 0, ">= 0"),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
-        if self.capacity_convention not in CONVENTIONS:
-            raise ValueError(
-                f"MoEConfig.capacity_convention={self.capacity_convention!r}; "
-                f"allowed: {', '.join(CONVENTIONS)}"
-            )
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"MoEConfig.implementation={self.implementation!r}; "
-                f"allowed: {', '.join(IMPLEMENTATIONS)}"
-            )
-
-    def capacity(self, tokens_per_group: int, train: bool) -> int:
-        cf = self.capacity_factor if train else self.eval_capacity_factor
-        return expert_capacity(
-            tokens_per_group,
-            self.num_experts,
-            cf,
-            top_k=self.top_k,
-            convention=self.capacity_convention,
-            min_capacity=self.min_capacity,
-        )
-
-
-def expert_capacity(
-    tokens_per_group: int,
-    num_experts: int,
-    capacity_factor: float,
-    *,
-    top_k: int = 1,
-    convention: str = "flaxformer",
-    min_capacity: int = 4,
-) -> int:
-    """Slots per expert and group: ``ceil(cf * S / E)`` (Flaxformer) or ``ceil(cf * S * k / E)``
-    (MaxText), at least ``min_capacity``."""
-    if convention not in CONVENTIONS:
-        raise ValueError(f"capacity convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
-    slots = capacity_factor * tokens_per_group / num_experts
-    if convention == "maxtext":
-        slots *= top_k
-    return max(int(math.ceil(slots - 1e-9)), min_capacity)
 
 
 class Routing(NamedTuple):

@@ -49,71 +49,7 @@ import numbers
 
 import jax.numpy as jnp
 
-ROPE_METHODS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """How to stretch RoPE beyond the pretraining context ``original_max_len``.
-
-    Args:
-      method: one of ``ROPE_METHODS`` (see the module docstring).
-      factor: the extension ratio ``s >= 1`` (target length / ``original_max_len``).
-      original_max_len: ``L0``, the context length the model was pretrained on (used by
-        ``dynamic_ntk``, ``yarn`` and ``llama3``).
-      beta_fast, beta_slow: YaRN's ramp bounds in rotations over ``L0``: dimensions that turn
-        more than ``beta_fast`` times are kept, fewer than ``beta_slow`` times interpolated.
-      low_freq_factor, high_freq_factor: Llama 3.1's wavelength bounds: wavelengths above
-        ``L0 / low_freq_factor`` are divided by ``s``, below ``L0 / high_freq_factor`` kept.
-    """
-
-    method: str = "none"
-    factor: float = 1.0
-    original_max_len: int = 2048
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-
-    def __post_init__(self):
-        if self.method not in ROPE_METHODS:
-            raise ValueError(
-                f"RopeScaling.method={self.method!r}; allowed: {', '.join(ROPE_METHODS)}"
-            )
-        if not (_is_real(self.factor) and math.isfinite(self.factor) and self.factor >= 1):
-            raise ValueError(f"RopeScaling.factor={self.factor!r}; allowed: a finite number >= 1")
-        if not (
-            isinstance(self.original_max_len, numbers.Integral)
-            and not isinstance(self.original_max_len, bool)
-            and self.original_max_len >= 1
-        ):
-            raise ValueError(
-                f"RopeScaling.original_max_len={self.original_max_len!r}; allowed: an int >= 1"
-            )
-        if self.method == "yarn" and not (
-            _is_real(self.beta_slow)
-            and _is_real(self.beta_fast)
-            and 0 < self.beta_slow < self.beta_fast
-        ):
-            raise ValueError(
-                f"RopeScaling.beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}; "
-                "allowed: 0 < beta_slow < beta_fast (YaRN)"
-            )
-        if self.method == "llama3" and not (
-            _is_real(self.low_freq_factor)
-            and _is_real(self.high_freq_factor)
-            and 0 < self.low_freq_factor < self.high_freq_factor
-        ):
-            raise ValueError(
-                f"RopeScaling.low_freq_factor={self.low_freq_factor!r}, "
-                f"high_freq_factor={self.high_freq_factor!r}; "
-                "allowed: 0 < low_freq_factor < high_freq_factor (llama3)"
-            )
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
+from jaxeff.nn.config import ROPE_METHODS, RopeScaling, _is_real  # noqa: F401 (re-exported)
 
 def ntk_base(head_dim: int, base: float, factor):
     """NTK-aware base ``base' = base * s^(d / (d - 2))`` (bloc97, 2023).

@@ -38,107 +38,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn import mod as mod_lib
-from jaxeff.nn.attention import causal_mask, dot_product_attention
-from jaxeff.nn.mod import ModConfig
-from jaxeff.nn.moe import MoEConfig, MoELayer
-from jaxeff.nn.rope import RopeScaling, apply_rope, rope_cos_sin, rope_frequencies
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-    """Shape and options of a Llama-style decoder."""
-
-    vocab_size: int = 4096
-    dim: int = 512
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 8
-    ffn_dim: int = 1408
-    max_seq_len: int = 2048
-    rope_base: float = 10000.0
-    rope_scaling: RopeScaling | None = None  # PI / NTK / YaRN context extension
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: bool = False  # recompute block activations in the backward pass
-    scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled loop)
-    init_std: float = 0.02
-    moe: MoEConfig | None = None  # Mixture-of-Experts FFN every moe.every layers
-    mod: ModConfig | None = None  # Mixture-of-Depths routed layer every mod.every layers
-
-    def __post_init__(self):
-        checks = {
-            "vocab_size": self.vocab_size > 0,
-            "dim": self.dim > 0,
-            "n_layers": self.n_layers > 0,
-            "n_heads": self.n_heads > 0 and self.dim % self.n_heads == 0,
-            "n_kv_heads": self.n_kv_heads > 0 and self.n_heads % max(self.n_kv_heads, 1) == 0,
-            "ffn_dim": self.ffn_dim > 0,
-            "dropout": 0.0 <= self.dropout < 1.0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"TransformerConfig.{name}={getattr(self, name)!r} is invalid "
-                    "(dim must divide by n_heads, n_heads by n_kv_heads, dropout in [0, 1))"
-                )
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"TransformerConfig.dtype={self.dtype!r}; allowed: {sorted(_DTYPES)}")
-        if self.moe is not None and self.n_layers % self.moe.every:
-            raise ValueError(
-                f"TransformerConfig.n_layers={self.n_layers} must divide by moe.every="
-                f"{self.moe.every} (one MoE layer per run of `every` layers)"
-            )
-
-        if self.mod is not None and self.n_layers % self.mod.every:
-            raise ValueError(
-                f"TransformerConfig.n_layers={self.n_layers} must divide by mod.every="
-                f"{self.mod.every} (one routed layer per run of `every` layers)"
-            )
-        if self.mod is not None and self.moe is not None:
-            raise ValueError("TransformerConfig: set at most one of moe and mod, not both")
-
-    @property
-    def n_mod_layers(self) -> int:
-        return 0 if self.mod is None else self.n_layers // self.mod.every
-
-    @property
-    def n_moe_layers(self) -> int:
-        return 0 if self.moe is None else self.n_layers // self.moe.every
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    def num_params(self, active: bool = False) -> int:
-        """Parameter count, embeddings included (the tied head counted once); ``active``
-        counts only the ``top_k`` experts a token uses in MoE layers."""
-        d, f, h = self.dim, self.ffn_dim, self.head_dim
-        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
-        block = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        blocks = self.n_layers * block
-        if self.moe is not None:
-            m = self.moe
-            experts = m.top_k if active else m.num_experts
-            moe_block = attn + 2 * d + d * m.num_experts + 3 * experts * d * m.expert_dim
-            moe_block += 3 * d * f if m.residual else 0
-            blocks = (self.n_layers - self.n_moe_layers) * block + self.n_moe_layers * moe_block
-        if self.mod is not None:
-            hidden = self.mod.predictor_hidden
-            predictor = (d * hidden + hidden + hidden + 1) if hidden else 0
-            blocks += self.n_mod_layers * (d + 1 + predictor)
-        return self.vocab_size * d + blocks + d + head
-
+from jaxeff.nn.attention import dot_product_attention
+from jaxeff.nn.config import ModConfig, MoEConfig, RopeScaling, TransformerConfig  # noqa: F401
+from jaxeff.nn.moe import MoELayer
+from jaxeff.nn.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # Logical axis names of every parameter, by the last two names of its path. A rules table in
 # jaxeff.parallel.mesh maps them to mesh axes; stacked block parameters get "layers" in front.
@@ -166,35 +69,70 @@ LOGICAL_AXES: Mapping[tuple[str, str], tuple[str, ...]] = {
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer ``[L, B, S_max, K, d]`` and each slot's RoPE position
-    ``[B, S_max]`` (-1: empty or padding)."""
+    """The KV cache of a `Transformer` (dense, or with Mixture-of-Depths routed layers).
+
+    Dense layers: keys and values ``k, v [L_dense, B, S_max, K, d]``, each slot's RoPE position
+    ``positions [B, S_max]`` (-1: empty or padding) and the next slot to write, ``index`` (an
+    int32 scalar; a call over ``T`` tokens writes slots ``index .. index+T-1`` and advances it).
+
+    Routed layers (``routed_*`` None without them): per routed layer a compacted cache
+    ``routed_k, routed_v [L_mod, B, S_r, K, d]`` holding only the tokens that layer computed, in
+    position order, with their RoPE positions ``routed_positions [L_mod, B, S_r]`` (-1: empty)
+    and the next free slot of each row ``routed_count [L_mod, B]``.
+    """
 
     k: jax.Array
     v: jax.Array
     positions: jax.Array
+    index: jax.Array
+    routed_k: jax.Array | None = None
+    routed_v: jax.Array | None = None
+    routed_positions: jax.Array | None = None
+    routed_count: jax.Array | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.positions.shape[1]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ModKVCache:
-    """KV cache of a decoder with routed layers: the dense layers' ``k, v [L_dense, B, S_max,
-    K, d]`` and slot positions ``[B, S_max]`` as in `KVCache`, and per routed layer a compacted
-    cache ``routed_k, routed_v [L_mod, B, S_r, K, d]`` holding only the tokens that layer
-    computed, in position order, with their RoPE positions ``routed_positions [L_mod, B, S_r]``
-    (-1: empty) and the next free slot of each row ``routed_count [L_mod, B]``."""
-
-    k: jax.Array
-    v: jax.Array
-    positions: jax.Array
-    routed_k: jax.Array
-    routed_v: jax.Array
-    routed_positions: jax.Array
-    routed_count: jax.Array
+ModKVCache = KVCache  # the same class: a cache with its routed_* fields set
 
 
 def cache_bytes(cache) -> int:
     """Bytes of every array of a KV cache (what generation allocates)."""
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache)))
+
+
+def split_intermediates(intermediates) -> tuple[dict, dict]:
+    """``(losses, info)`` from a Transformer's sown ``nnx.Intermediate`` values (a State or a
+    pure dict): names ending in ``_loss`` are auxiliary losses (already weighted; returned
+    without the suffix, e.g. ``load_balance``), the others routing decisions."""
+    if not isinstance(intermediates, dict):
+        intermediates = nnx.to_pure_dict(intermediates)
+    losses, info = {}, {}
+    for name, value in intermediates.items():
+        if name.endswith("_loss"):
+            losses[name.removesuffix("_loss")] = value
+        else:
+            info[name] = value
+    return losses, info
+
+
+def forward_with_intermediates(model, tokens, positions=None, **kwargs):
+    """``(out, cache, losses, info)``: ``model(tokens, positions, **kwargs)`` with its sown
+    auxiliary losses and routing decisions collected (`split_intermediates`)."""
+    (out, cache), inter = nnx.capture(model, nnx.Intermediate)(tokens, positions, **kwargs)
+    losses, info = split_intermediates(inter)
+    return out, cache, losses, info
+
+
+def _sow(module: nnx.Module, values: Mapping) -> None:
+    """Sow ``values`` as ``nnx.Intermediate`` (the last value kept) when the module runs under
+    `nnx.capture`; a plain call records nothing, so the module's state never changes."""
+    if not hasattr(module, "__captures__"):
+        return
+    for name, value in values.items():
+        module.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, new: new)
 
 
 class RMSNorm(nnx.Module):
@@ -239,8 +177,44 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What every layer of one forward pass shares: RoPE tables ``cos, sin [B, T, d]``, RoPE
+    ``positions [B, T]``, and the keyword arguments of `dot_product_attention` that say who
+    attends to whom (``causal``, segment ids, ``q_offset``, or a dense ``mask``)."""
+
+    cos: jax.Array
+    sin: jax.Array
+    positions: jax.Array
+    attention: Mapping
+    mask: jax.Array | None = None  # the user's dense mask, if any
+    segment_ids: jax.Array | None = None
+
+    def gathered(self, idx) -> LayerInputs:
+        """The inputs of the tokens ``idx [B, n]`` (ascending) run alone by a routed layer:
+        causal among them (they are in position order), segments and a dense mask gathered."""
+        cos, sin = _gather_rows(self.cos, idx), _gather_rows(self.sin, idx)
+        positions = _gather_rows(self.positions, idx)
+        if self.mask is not None:
+            sub = _sub_mask(self.mask, idx, self.positions.shape[1])
+            return LayerInputs(cos, sin, positions, {"mask": sub}, mask=sub)
+        seg = None if self.segment_ids is None else _gather_rows(self.segment_ids, idx)
+        return LayerInputs(cos, sin, positions, _attention_masking(None, seg), segment_ids=seg)
+
+
+def _attention_masking(mask, segment_ids) -> dict:
+    """`dot_product_attention` keywords of a full forward: a user's dense ``mask`` as it is,
+    else causal (within segments when ``segment_ids`` are given)."""
+    if mask is not None:
+        return {"mask": mask}
+    if segment_ids is None:
+        return {"causal": True}
+    return {"causal": True, "q_segment_ids": segment_ids, "kv_segment_ids": segment_ids}
+
+
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE."""
+    """Grouped-query self-attention with RoPE; the attention itself is
+    `jaxeff.nn.attention.dot_product_attention` with ``TransformerConfig.attention``."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -251,29 +225,38 @@ class Attention(nnx.Module):
         self.v = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs)
         self.o = _linear(cfg.n_heads * h, cfg.dim, out_std, rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None):
-        """Self-attention over ``x [B, T, dim]``; with ``cache = (k_all, v_all, layer,
-        offset)`` (all layers' caches ``[L, B, S_max, K, d]``), the new keys and values are
-        written at slots ``offset .. offset+T-1`` of ``layer`` and the queries attend over
-        every slot (``mask [B, 1, T, S_max]``). Returns the output, and the updated
-        ``(k_all, v_all)`` when a cache was given."""
+    def project(self, x, cos, sin):
+        """``q [B, T, N, d]``, ``k, v [B, T, K, d]`` of ``x [B, T, dim]``, RoPE applied."""
         cfg = self.cfg
         b, s, _ = x.shape
         q = self.q(x).reshape(b, s, cfg.n_heads, cfg.head_dim)
         k = self.k(x).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         v = self.v(x).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, masking: Mapping):
+        """``o(attention(q, k, v))`` ``[B, T, dim]``; ``masking``: keywords of
+        `dot_product_attention`."""
+        out = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), implementation=self.cfg.attention, **masking
+        )
+        b, t = q.shape[:2]
+        return self.o(out.reshape(b, t, self.cfg.n_heads * self.cfg.head_dim))
+
+    def __call__(self, x, inputs: LayerInputs, cache: KVCache | None = None, layer=None):
+        """Self-attention over ``x [B, T, dim]``. With a ``cache``, the new keys and values go to
+        slots ``cache.index ..`` of dense cache layer ``layer`` and the queries attend over that
+        layer's slots; returns ``(out, cache)`` then."""
+        q, k, v = self.project(x, inputs.cos, inputs.sin)
         if cache is None:
-            out = dot_product_attention(q, k, v, mask)
-            return self.o(out.reshape(b, s, cfg.n_heads * cfg.head_dim))
-        k_all, v_all, layer, offset = cache
-        start = (layer, 0, offset, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            return self.attend(q, k, v, inputs.attention)
+        start = (layer, 0, cache.index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)
         k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
         v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
-        out = dot_product_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask)
-        return self.o(out.reshape(b, s, cfg.n_heads * cfg.head_dim)), (k_all, v_all)
+        out = self.attend(q, k_layer, v_layer, inputs.attention)
+        return out, dataclasses.replace(cache, k=k_all, v=v_all)
 
 
 class MLP(nnx.Module):
@@ -289,6 +272,10 @@ class MLP(nnx.Module):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
+def _split_key(key):
+    return (None, None) if key is None else tuple(jax.random.split(key))
+
+
 class Block(nnx.Module):
     """One pre-norm decoder layer."""
 
@@ -299,10 +286,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
-        """One layer; with a ``cache`` (see `Attention`) returns ``(x, (k_all, v_all))``."""
-        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        attn = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+    def __call__(self, x, inputs: LayerInputs, dropout_key=None, cache=None, layer=None):
+        """One layer; with a ``cache`` (see `Attention`) returns ``(x, cache)``."""
+        keys = _split_key(dropout_key)
+        attn = self.attn(self.attn_norm(x), inputs, cache, layer)
         if cache is not None:
             attn, cache = attn
         x = x + _dropout(attn, self.cfg.dropout, keys[0])
@@ -312,7 +299,10 @@ class Block(nnx.Module):
 
 class MoEBlock(nnx.Module):
     """A decoder layer whose FFN is a Mixture of Experts (plus the dense FFN when
-    ``moe.residual``): ``x + Attn(n(x))`` then ``x + MoE(n(x)) [+ FFN(n(x))]``."""
+    ``moe.residual``): ``x + Attn(n(x))`` then ``x + MoE(n(x)) [+ FFN(n(x))]``.
+
+    Sows (``nnx.Intermediate``) ``load_balance_loss`` and ``router_z_loss`` (weighted, see
+    `jaxeff.nn.moe.moe_apply`) and the routing ``expert_index``, ``kept``."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -324,15 +314,16 @@ class MoEBlock(nnx.Module):
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.moe = MoELayer(cfg.dim, cfg.moe, std=cfg.init_std, out_std=out_std, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, *, train: bool = False):
-        """Returns ``(x, aux_losses, routing)`` (see `jaxeff.nn.moe.moe_apply`)."""
-        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        x = x + _dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.cfg.dropout, keys[0])
+    def __call__(self, x, inputs: LayerInputs, dropout_key=None, *, train: bool = False):
+        keys = _split_key(dropout_key)
+        x = x + _dropout(self.attn(self.attn_norm(x), inputs), self.cfg.dropout, keys[0])
         h = self.mlp_norm(x)
         y, aux, routing = self.moe(h, train=train)
         if self.cfg.moe.residual:
             y = y + self.mlp(h)
-        return x + _dropout(y, self.cfg.dropout, keys[1]), aux, routing
+        _sow(self, {f"{name}_loss": value for name, value in aux.items()})
+        _sow(self, {"expert_index": routing.expert_index, "kept": routing.kept})
+        return x + _dropout(y, self.cfg.dropout, keys[1])
 
 
 def _gather_rows(a, idx):
@@ -354,101 +345,62 @@ def _sub_mask(mask, idx, length: int):
 
 
 class ModBlock(Block):
-    """A Mixture-of-Depths decoder layer (`jaxeff.nn.mod`): a `Block` with a router, which picks
-    the tokens that run the pre-norm layer (attention + SwiGLU MLP); the others pass
+    """A Mixture-of-Depths decoder layer (`jaxeff.nn.mod`): a `Block` with a `mod.Router`, which
+    picks the tokens that run the pre-norm layer (attention + SwiGLU MLP); the others pass
     unchanged and are absent from its attention. Routed token ``i`` gets
     ``x_i + w_i f_i(X_routed)`` with ``f`` the layer's residual branch at the tokens' original
     RoPE positions and ``w_i`` from the router (`ModConfig.output_weighting`).
 
-    Routers: ``router [dim -> 1]`` (logit ``r_i``); with ``mod.predictor_hidden`` also MoD's
-    stop-gradient MLP ``predictor`` used to route causally when decoding top-k layers.
+    Sows ``mod_router_bce_loss`` / ``mod_predictor_bce_loss`` (top-k training) and the routed
+    ``mod_mask`` (and top-k's ``mod_predictor_mask``).
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
-        init = nnx.initializers.normal(cfg.init_std)
-        self.router = nnx.Linear(cfg.dim, 1, kernel_init=init, rngs=rngs)
-        self.predictor = nnx.data(None)
-        hidden = cfg.mod.predictor_hidden
-        if hidden:
-            self.predictor = nnx.Sequential(
-                nnx.Linear(cfg.dim, hidden, kernel_init=init, rngs=rngs),
-                jax.nn.silu,
-                nnx.Linear(hidden, 1, kernel_init=init, rngs=rngs),
-            )
+        self.router = mod_lib.Router(
+            cfg.dim, predictor_hidden=cfg.mod.predictor_hidden, std=cfg.init_std, rngs=rngs
+        )
 
-    def router_logits(self, x):
-        """Router logits ``r_i`` ``[B, S]`` (float32)."""
-        return self.router(x.astype(jnp.float32))[..., 0]
-
-    def predictor_logits(self, x):
-        """Predictor logits ``[B, S]`` on ``stop_gradient(x)``."""
-        if self.predictor is None:
-            raise ValueError("this ModBlock has no predictor (set ModConfig.predictor_hidden > 0)")
-        return self.predictor(jax.lax.stop_gradient(x).astype(jnp.float32))[..., 0]
-
-    def causal_route_mask(self, x, logits, positions):
-        """The per-token (causal) decision ``[B, S]``: ``sigmoid(r_i) > p`` for threshold
-        layers; for top-k layers ``predictor > 0`` (or ``r_i > 0`` without a predictor)."""
-        m = self.cfg.mod
-        if m.router == "threshold":
-            scores, threshold = jax.nn.sigmoid(logits), m.p
-        elif self.predictor is not None:
-            scores, threshold = self.predictor_logits(x), 0.0
-        else:
-            scores, threshold = logits, 0.0
-        return mod_lib.causal_mask_from_scores(scores, threshold, positions, m.keep_first)
-
-    def layer(self, x, cos, sin, mask, dropout_key=None):
+    def layer(self, x, inputs: LayerInputs, dropout_key=None):
         """The pre-norm layer on (gathered) tokens: `Block`'s forward, unchanged."""
-        return Block.__call__(self, x, cos, sin, mask, dropout_key)
+        return Block.__call__(self, x, inputs, dropout_key)
 
-    def __call__(self, x, cos, sin, positions, mask=None, dropout_key=None, *, causal=False):
-        """``x [B, S, dim]``, RoPE tables ``cos, sin [B, S, d]``, ``positions [B, S]``; ``mask``
-        None (causal) or broadcastable to ``[B, heads, S, S]``. Top-k layers route by top-k
-        over the sequence unless ``causal``. Returns ``(x, aux_losses, info)`` with ``info``
-        the routed ``mask [B, S]`` and, for top-k layers with a predictor, its decision."""
-        m = self.cfg.mod
+    def __call__(self, x, inputs: LayerInputs, dropout_key=None, *, causal=False):
+        """``x [B, S, dim]``; top-k layers route by top-k over the sequence unless ``causal``
+        (then by the predictor, or the router's sign)."""
         b, s, _ = x.shape
-        logits = self.router_logits(x)
-        aux, info = {}, {}
-        if m.router == "topk" and not causal:
-            route = mod_lib.topk_route(logits, m.capacity)
-            target = jax.lax.stop_gradient(route.mask.astype(jnp.float32))
-            aux["mod_router_bce"] = m.router_bce_weight * mod_lib.bce_with_logits(logits, target)
-            if self.predictor is not None:
-                pred = self.predictor_logits(x)
-                aux["mod_predictor_bce"] = mod_lib.bce_with_logits(pred, target)
-                info["predictor_mask"] = pred > 0
-        else:
-            want = self.causal_route_mask(x, logits, positions)
-            route = mod_lib.mask_to_route(want, m.max_tokens(s))
-        weights = mod_lib.router_weights(logits, m.output_weighting)
+        route, weights, losses, info = self.router.route(
+            x, inputs.positions, self.cfg.mod, causal=causal
+        )
+        _sow(self, {f"mod_{name}": value for name, value in losses.items()})
+        _sow(self, {f"mod_{name}": value for name, value in info.items()})
         slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
         def block_fn(x_sub, idx):
-            # gathered in position order: causal among slots is causal among positions
-            sub = causal_mask(idx.shape[1]) if mask is None else _sub_mask(mask, idx, s)
-            cos_sub, sin_sub = _gather_rows(cos, idx), _gather_rows(sin, idx)
-            return self.layer(x_sub, cos_sub, sin_sub, sub, dropout_key)
+            return self.layer(x_sub, inputs.gathered(idx), dropout_key)
 
-        info["mask"] = route.mask
-        return mod_lib.routed_block(block_fn, x, slots, route, weights), aux, info
+        return mod_lib.routed_block(block_fn, x, slots, route, weights)
 
-    def cached(self, x, cos, sin, positions, routed, layer):
-        """One routed layer of KV-cache decoding over new tokens ``x [B, T, dim]`` at
-        ``positions [B, T]`` (-1: padding). ``routed = (k, v, positions, count)`` are the
-        routed caches of every routed layer (`ModKVCache`); the tokens this layer computes
-        (causal decision, capped by the free slots) are written at slots ``count ..`` of row
-        ``b``, attend over that layer's filled slots, and are scattered back. When no token is
-        routed the layer is skipped (``lax.cond``): no compute. Returns ``(x, routed)``."""
-        cfg, m = self.cfg, self.cfg.mod
-        rk, rv, rpos, rcount = routed
+    def cached(self, x, inputs: LayerInputs, cache: KVCache, layer):
+        """Routed layer ``layer`` of KV-cache decoding over new tokens ``x [B, T, dim]`` at
+        ``inputs.positions`` (-1: padding). The tokens it computes (causal decision, capped by
+        the free slots) are written at slots ``routed_count ..`` of their row, attend over the
+        layer's filled slots (causal in slot order, which is position order), and are
+        scattered back. When no token is routed the layer is skipped (``lax.cond``): no
+        compute. Returns ``(x, cache)``."""
+        m = self.cfg.mod
+        rk, rv, rpos, rcount = (
+            cache.routed_k,
+            cache.routed_v,
+            cache.routed_positions,
+            cache.routed_count,
+        )
         b, t, _ = x.shape
         cap = rk.shape[2]
-        logits = self.router_logits(x)
+        positions = inputs.positions
+        logits = self.router.logits(x)
         count = jax.lax.dynamic_index_in_dim(rcount, layer, keepdims=False)
-        want = self.causal_route_mask(x, logits, positions)
+        want = self.router.causal_mask(x, logits, positions, m)
         want = want & (count[:, None] + jnp.cumsum(want, axis=1) - 1 < cap)
         route = mod_lib.mask_to_route(want, min(t, cap))
         idx, valid = route.indices, route.valid
@@ -461,22 +413,16 @@ class ModBlock(Block):
         def compute(operand):
             rk, rv, rpos = operand
             x_sub = _gather_rows(x, idx)
-            h = self.attn_norm(x_sub)
-            attn, hd = self.attn, cfg.head_dim
-            q = attn.q(h).reshape(b, n, cfg.n_heads, hd)
-            k = attn.k(h).reshape(b, n, cfg.n_kv_heads, hd)
-            v = attn.v(h).reshape(b, n, cfg.n_kv_heads, hd)
-            cos_sub, sin_sub = _gather_rows(cos, idx), _gather_rows(sin, idx)
-            q, k = apply_rope(q, cos_sub, sin_sub), apply_rope(k, cos_sub, sin_sub)
+            cos_sub, sin_sub = _gather_rows(inputs.cos, idx), _gather_rows(inputs.sin, idx)
+            q, k, v = self.attn.project(self.attn_norm(x_sub), cos_sub, sin_sub)
             rk = rk.at[layer, rows, slots].set(k.astype(rk.dtype), mode="drop")
             rv = rv.at[layer, rows, slots].set(v.astype(rv.dtype), mode="drop")
             rpos = rpos.at[layer, rows, slots].set(pos_sub, mode="drop")
-            k_l = jax.lax.dynamic_index_in_dim(rk, layer, keepdims=False).astype(q.dtype)
-            v_l = jax.lax.dynamic_index_in_dim(rv, layer, keepdims=False).astype(q.dtype)
-            p_l = jax.lax.dynamic_index_in_dim(rpos, layer, keepdims=False)
-            visible = (p_l[:, None, :] >= 0) & (p_l[:, None, :] <= pos_sub[:, :, None])
-            out = dot_product_attention(q, k_l, v_l, visible[:, None])
-            y = x_sub + attn.o(out.reshape(b, n, cfg.n_heads * hd))
+            k_l = jax.lax.dynamic_index_in_dim(rk, layer, keepdims=False)
+            v_l = jax.lax.dynamic_index_in_dim(rv, layer, keepdims=False)
+            # slot j holds the j-th computed token of its row: causal in slot order from the
+            # row's first new slot ``count``
+            y = x_sub + self.attn.attend(q, k_l, v_l, {"causal": True, "q_offset": count})
             y = y + self.mlp(self.mlp_norm(y))
             delta = ((y - x_sub) * w_sub[..., None].astype(x.dtype)).astype(x.dtype)
             delta = jnp.where(valid[..., None], delta, jnp.zeros_like(delta))
@@ -488,11 +434,19 @@ class ModBlock(Block):
 
         x, rk, rv, rpos = jax.lax.cond(jnp.any(valid), compute, skip, (rk, rv, rpos))
         rcount = rcount.at[layer].add(jnp.sum(valid, axis=1).astype(rcount.dtype))
-        return x, (rk, rv, rpos, rcount)
+        cache = dataclasses.replace(
+            cache, routed_k=rk, routed_v=rv, routed_positions=rpos, routed_count=rcount
+        )
+        return x, cache
 
 
 class Transformer(nnx.Module):
     """Llama-style decoder: ``logits = head(norm(blocks(embed(tokens))))``.
+
+    One forward, `__call__`, serves training, prefill and decode. Auxiliary losses (MoE
+    load balance and z-loss, MoD router BCE) and routing decisions are sown as
+    ``nnx.Intermediate`` values at the model (names ending in ``_loss`` are losses, already
+    weighted); `forward_with_intermediates` collects them.
 
     Args:
       cfg: the model's shape and options.
@@ -502,7 +456,8 @@ class Transformer(nnx.Module):
       >>> from flax import nnx
       >>> cfg = TransformerConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, ffn_dim=32)
       >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
-      >>> model(jnp.zeros((1, 5), jnp.int32)).shape
+      >>> logits, _ = model(jnp.zeros((1, 5), jnp.int32))
+      >>> logits.shape
       (1, 5, 32)
     """
 
@@ -525,131 +480,181 @@ class Transformer(nnx.Module):
 
         n_dense = cfg.n_layers - cfg.n_moe_layers - cfg.n_mod_layers
         self.blocks = stacked(Block, n_dense) if n_dense else None
-        if cfg.moe is not None:
-            self.moe_blocks = stacked(MoEBlock, cfg.n_moe_layers)
-        if cfg.mod is not None:
-            self.mod_blocks = stacked(ModBlock, cfg.n_mod_layers)
+        self.moe_blocks = stacked(MoEBlock, cfg.n_moe_layers) if cfg.moe is not None else None
+        self.mod_blocks = stacked(ModBlock, cfg.n_mod_layers) if cfg.mod is not None else None
+        # per-layer modules in model order (`unstacked`); None: the stacked blocks above
+        self.layer_list = nnx.data(None)
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg.init_std, rngs)
 
-    def hidden_states(
-        self, tokens, positions=None, mask=None, *, dropout_key: jax.Array | None = None
+    # -- the forward ------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        *,
+        cache: KVCache | None = None,
+        train: bool = False,
+        dropout_key: jax.Array | None = None,
+        return_hidden: bool = False,
+        mask=None,
+        segment_ids=None,
+        causal_routing: bool = False,
     ):
-        """Final-norm hidden states ``[B, S, dim]``.
+        """``(logits [B, T, vocab] float32, or final-norm hidden states [B, T, dim], cache)``.
 
         Args:
-          tokens: int ``[B, S]``.
-          positions: int ``[B, S]`` RoPE positions (default ``0..S-1``; left-padded batches pass
-            their own).
-          mask: boolean, broadcastable to ``[B, heads, S, S]``, True = attend (default causal).
+          tokens: int ``[B, T]``.
+          positions: int ``[B, T]`` RoPE positions (default ``0..T-1``, or from ``cache.index``
+            on); -1 marks padding (left-padded batches pass their own).
+          cache: a `KVCache` (`init_cache`): the tokens are written at slots ``cache.index ..``
+            and attend to the cached slots of their row (padding and empty slots masked), so a
+            left-padded row decodes exactly as it would alone; the updated cache is returned
+            (None without one). Routed layers route causally.
+          train: MoE layers use the training capacity factor.
           dropout_key: a PRNG key enables dropout (training); None disables it.
+          return_hidden: return the final-norm hidden states instead of logits.
+          mask: boolean, broadcastable to ``[B, heads, T, T]``, True = attend (default causal;
+            forces the ``"xla"`` attention).
+          segment_ids: int ``[B, T]``: causal attention within equal ids (packed rows).
+          causal_routing: top-k routed (MoD) layers route by their causal predictor (as in
+            decoding) instead of top-k over the sequence.
         """
-        return self._forward(tokens, positions, mask, dropout_key)[0]
-
-    def _forward(
-        self, tokens, positions=None, mask=None, dropout_key=None, train=None, causal_routing=False
-    ):
-        """``(final-norm hidden states, aux losses, routing)``; MoE layers run in training
-        mode (capacity factor) when ``train``, by default when a ``dropout_key`` is given;
-        top-k routed (MoD) layers route causally (predictor) when ``causal_routing``."""
         cfg = self.cfg
-        b, s = tokens.shape
+        b, t = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        user_mask = mask
-        if mask is None:
-            mask = causal_mask(s)
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + start, (b, t))
+        positions = positions.astype(jnp.int32)
         cos, sin = self.rope_tables(positions)
         x = self.embed(tokens).astype(cfg.compute_dtype)
+        layer_keys = None
         if dropout_key is not None and cfg.dropout > 0:
             keys = jax.random.split(dropout_key, cfg.n_layers + 1)
             x = _dropout(x, cfg.dropout, keys[0])
             layer_keys = keys[1:]
+        if cache is None:
+            masking = _attention_masking(mask, segment_ids)
+            inputs = LayerInputs(cos, sin, positions, masking, mask, segment_ids)
         else:
-            layer_keys = None
-        if cfg.moe is not None:
-            train = dropout_key is not None if train is None else train
-            return self._moe_layers(x, cos, sin, mask, layer_keys, train)
-        if cfg.mod is not None:
-            return self._mod_layers(x, cos, sin, positions, user_mask, layer_keys, causal_routing)
+            if cfg.moe is not None:
+                raise ValueError("Transformer: KV-cache decoding of MoE models is not supported")
+            if mask is not None or segment_ids is not None:
+                raise ValueError("Transformer: mask and segment_ids apply without a cache only")
+            slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+            cache = dataclasses.replace(cache, positions=slot_pos)
+            # slots hold a row's tokens in position order after its left padding: causal in
+            # slot order from the first new slot, empty / padding slots (-1) in segment 1
+            masking = {
+                "causal": True,
+                "q_offset": jnp.full((b,), cache.index, jnp.int32),
+                "q_segment_ids": jnp.zeros((b, t), jnp.int32),
+                "kv_segment_ids": (slot_pos < 0).astype(jnp.int32),
+            }
+            inputs = LayerInputs(cos, sin, positions, masking)
+        causal = causal_routing or cache is not None
+        x, cache, intermediates = self._layers(x, inputs, layer_keys, cache, train, causal)
+        x = self.final_norm(x)
+        _sow(self, intermediates)
+        if cache is not None:
+            cache = dataclasses.replace(cache, index=cache.index + t)
+        return (x if return_hidden else self.logits_from_hidden(x)), cache
 
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def body(h, layer):
-            params, key = layer
-            block = nnx.merge(graphdef, params)
-            return block(h, cos, sin, mask, key), None
-
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
-        else:
-            for i in range(cfg.n_layers):
-                layer = jax.tree.map(lambda a, i=i: a[i], (stacked, layer_keys))
-                x, _ = body(x, layer)
-        return self.final_norm(x), {}, None
-
-    def _grouped_layers(self, x, cos, sin, dense_mask, layer_keys, special, every, run_special):
-        """Runs ``len(special)`` groups of ``every - 1`` dense blocks and one ``special``
-        block (MoE or routed) under one scan. ``run_special(block, h, key) -> (h, aux, info)``;
-        aux losses are summed over the special layers, ``info`` stacked ``[groups, ...]``."""
+    def _plan(self):
+        """``(every, kind, special)``: the layers run as ``n_layers / every`` groups of
+        ``every - 1`` dense blocks and one ``special`` block (``kind`` "dense", "moe" or
+        "mod"); a dense model is ``every = 1`` of dense blocks."""
         cfg = self.cfg
+        if cfg.moe is not None:
+            return cfg.moe.every, "moe", self.moe_blocks
+        if cfg.mod is not None:
+            return cfg.mod.every, "mod", self.mod_blocks
+        return 1, "dense", self.blocks
+
+    def _group(self, h, cache, dense_blocks, special, keys, g, inputs, kind, every, train, causal):
+        """One group of layers (see `_plan`); ``(h, cache, intermediates of the special)``."""
+        for i, block in enumerate(dense_blocks):
+            key = None if keys is None else keys[i]
+            if cache is None:
+                h = block(h, inputs, key)
+            else:
+                h, cache = block(h, inputs, None, cache, g * (every - 1) + i)
+        key = None if keys is None else keys[every - 1]
+        inter = {}
+        if kind == "dense":
+            if cache is None:
+                h = special(h, inputs, key)
+            else:
+                h, cache = special(h, inputs, None, cache, g)
+        elif kind == "moe":
+            h, inter = nnx.capture(special, nnx.Intermediate)(h, inputs, key, train=train)
+        elif cache is None:
+            h, inter = nnx.capture(special, nnx.Intermediate)(h, inputs, key, causal=causal)
+        else:
+            h, cache = special.cached(h, inputs, cache, g)
+        if not isinstance(inter, dict):
+            inter = nnx.to_pure_dict(inter)
+        return h, cache, inter
+
+    def _layers(self, x, inputs, layer_keys, cache, train, causal):
+        """All layers: a ``lax.scan`` over the groups of stacked blocks (a Python loop when
+        ``scan_layers`` is off, or over the per-layer modules of an `unstacked` model).
+        Returns ``(x, cache, intermediates)``: losses summed over layers, routing stacked."""
+        cfg = self.cfg
+        every, kind, special = self._plan()
         groups = cfg.n_layers // every
-        dense_def, dense = (None, None) if self.blocks is None else nnx.split(self.blocks)
-        if dense is not None:
-            dense = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
-        special_def, special_p = nnx.split(special)
         if layer_keys is not None:
             layer_keys = layer_keys.reshape(groups, every, *layer_keys.shape[1:])
 
-        def body(h, layer):
-            dense_p, sp, keys = layer
-            for i in range(every - 1):
-                block = nnx.merge(dense_def, jax.tree.map(lambda a, i=i: a[i], dense_p))
-                h = block(h, cos, sin, dense_mask, None if keys is None else keys[i])
-            key = None if keys is None else keys[every - 1]
-            h, aux, info = run_special(nnx.merge(special_def, sp), h, key)
-            return h, (aux, info)
+        def run(h, cache, dense_blocks, special_block, keys, g):
+            return self._group(
+                h, cache, dense_blocks, special_block, keys, g, inputs, kind, every, train, causal
+            )
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        if cfg.scan_layers:
-            x, (aux, info) = jax.lax.scan(body, x, (dense, special_p, layer_keys))
-        else:
-            outs = []
+        outs = []
+        if self.layer_list is not None:
+            layers = list(self.layer_list)
             for g in range(groups):
-                layer = jax.tree.map(lambda a, g=g: a[g], (dense, special_p, layer_keys))
-                x, out = body(x, layer)
+                group = layers[g * every : (g + 1) * every]
+                keys = None if layer_keys is None else layer_keys[g]
+                x, cache, inter = run(x, cache, group[:-1], group[-1], keys, g)
+                outs.append(inter)
+            inter = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs[0] else {}
+            return x, cache, _reduce_intermediates(inter)
+
+        dense_def, dense = None, None
+        if kind != "dense" and self.blocks is not None:
+            dense_def, dense = _split_weights(self.blocks)
+            dense = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
+        special_def, special_p = _split_weights(special)
+
+        def body(carry, layer):
+            h, cache = carry
+            dense_g, special_g, keys, g = layer
+            dense_blocks = [
+                nnx.merge(dense_def, jax.tree.map(lambda a, i=i: a[i], dense_g))
+                for i in range(every - 1 if dense_g is not None else 0)
+            ]
+            special_block = nnx.merge(special_def, special_g)
+            h, cache, inter = run(h, cache, dense_blocks, special_block, keys, g)
+            return (h, cache), inter
+
+        if cfg.remat and cache is None:
+            body = jax.checkpoint(body, prevent_cse=False)
+        xs = (dense, special_p, layer_keys, jnp.arange(groups))
+        if cfg.scan_layers:
+            (x, cache), inter = jax.lax.scan(body, (x, cache), xs)
+        else:
+            for g in range(groups):
+                layer = jax.tree.map(lambda a, g=g: a[g], xs)
+                (x, cache), out = body((x, cache), layer)
                 outs.append(out)
-            aux, info = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        aux = {name: jnp.sum(value) for name, value in aux.items()}
-        return self.final_norm(x), aux, info
+            inter = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs[0] else {}
+        return x, cache, _reduce_intermediates(inter)
 
-    def _moe_layers(self, x, cos, sin, mask, layer_keys, train: bool):
-        """Groups of dense blocks and one MoE block (see `_grouped_layers`); routing stacked
-        ``[n_moe_layers, ...]``."""
-
-        def run(block, h, key):
-            h, aux, routing = block(h, cos, sin, mask, key, train=train)
-            return h, aux, {"expert_index": routing.expert_index, "kept": routing.kept}
-
-        every = self.cfg.moe.every
-        return self._grouped_layers(x, cos, sin, mask, layer_keys, self.moe_blocks, every, run)
-
-    def _mod_layers(self, x, cos, sin, positions, mask, layer_keys, causal: bool):
-        """Groups of dense blocks and one routed `ModBlock` (see `_grouped_layers`); routing
-        info stacked ``[n_mod_layers, ...]``."""
-        dense_mask = causal_mask(x.shape[1]) if mask is None else mask
-
-        def run(block, h, key):
-            return block(h, cos, sin, positions, mask, key, causal=causal)
-
-        every = self.cfg.mod.every
-        return self._grouped_layers(
-            x, cos, sin, dense_mask, layer_keys, self.mod_blocks, every, run
-        )
+    # -- analyses over the forward ------------------------------------------------------------
 
     def mod_routing(self, tokens, *, causal: bool = False) -> dict:
         """Routing of every routed (MoD) layer on ``tokens [B, S]`` (no dropout): ``mask``
@@ -658,14 +663,15 @@ class Transformer(nnx.Module):
         on the same inputs)."""
         if self.cfg.mod is None:
             raise ValueError("mod_routing: this Transformer has no routed layers (config.mod)")
-        return self._forward(tokens, causal_routing=causal)[2]
+        _, _, _, info = forward_with_intermediates(self, tokens, causal_routing=causal)
+        return {name.removeprefix("mod_"): value for name, value in info.items()}
 
     def routing(self, tokens, *, train: bool = False) -> dict:
         """Routing decisions of every MoE layer on ``tokens [B, S]`` (no dropout):
         ``expert_index`` and ``kept`` ``[n_moe_layers, B, S, top_k]``."""
         if self.cfg.moe is None:
             raise ValueError("routing: this Transformer has no MoE layers (config.moe is None)")
-        return self._forward(tokens, train=train)[2]
+        return forward_with_intermediates(self, tokens, train=train)[3]
 
     def rope_tables(self, positions):
         """cos, sin ``[B, T, head_dim]`` for RoPE positions ``[B, T]`` (with the scaling of
@@ -676,143 +682,59 @@ class Transformer(nnx.Module):
         )
         return rope_cos_sin(jnp.maximum(positions, 0), inv_freq, factor)
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache | ModKVCache:
-        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (a `ModKVCache`
-        with ``mod.max_tokens(max_len)`` slots per routed layer when the model has them)."""
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (with
+        ``mod.max_tokens(max_len)`` slots per routed layer when the model has them)."""
         cfg = self.cfg
         dense_layers = cfg.n_layers - cfg.n_mod_layers
         shape = (dense_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
+        cache = KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.full((batch, max_len), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
         if cfg.mod is not None:
             slots = cfg.mod.max_tokens(max_len)
             rshape = (cfg.n_mod_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-            return ModKVCache(
-                k=jnp.zeros(shape, dtype),
-                v=jnp.zeros(shape, dtype),
-                positions=jnp.full((batch, max_len), -1, jnp.int32),
+            cache = dataclasses.replace(
+                cache,
                 routed_k=jnp.zeros(rshape, dtype),
                 routed_v=jnp.zeros(rshape, dtype),
                 routed_positions=jnp.full((cfg.n_mod_layers, batch, slots), -1, jnp.int32),
                 routed_count=jnp.zeros((cfg.n_mod_layers, batch), jnp.int32),
             )
-        return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            positions=jnp.full((batch, max_len), -1, jnp.int32),
-        )
+        return cache
 
-    def forward_cached(self, tokens, positions, cache: KVCache, offset, layer_params=None):
-        """Runs ``tokens [B, T]`` at RoPE ``positions [B, T]`` (-1 marks padding) into cache
-        slots ``offset .. offset+T-1`` and returns ``(logits [B, T, vocab], cache)``.
-
-        A query at position ``p`` sees the cached slots whose position is in ``0 .. p``: slots
-        of padding (-1) and of the future are masked, so left-padded rows of a batch decode
-        exactly as they would alone.
-
-        ``layer_params`` (from `unstack_layers`) runs the layers as an unrolled loop over
-        separate per-layer arrays instead of a scan over the stacked ones: for one-token decode
-        steps, slicing the stacked weights inside the loop costs as much as the matmuls.
-        """
+    def unstacked(self) -> Transformer:
+        """A copy whose layers are separate modules (``layer_list``, in model order) instead of
+        stacked arrays: the same forward, run as an unrolled loop over per-layer weights. For
+        one-token decode steps, slicing the stacked weights inside the scan costs as much as
+        the matmuls (`jaxeff.infer.generate.Generator` decodes with this)."""
+        if self.layer_list is not None:
+            return self
         cfg = self.cfg
-        if cfg.moe is not None:
-            raise ValueError("forward_cached: KV-cache decoding of MoE models is not supported")
-        if cfg.mod is not None:
-            return self._forward_cached_mod(tokens, positions, cache, offset, layer_params)
-        b, t = tokens.shape
-        slot_pos = jax.lax.dynamic_update_slice(
-            cache.positions, positions.astype(jnp.int32), (0, offset)
-        )
-        visible = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= positions[:, :, None])
-        mask = visible[:, None]  # [B, 1, T, S_max]
-        cos, sin = self.rope_tables(positions)
-        x = self.embed(tokens).astype(cfg.compute_dtype)
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def body(carry, layer):
-            h, k_all, v_all = carry
-            params, index = layer
-            block = nnx.merge(graphdef, params)
-            h, (k_all, v_all) = block(h, cos, sin, mask, None, (k_all, v_all, index, offset))
-            return (h, k_all, v_all), None
-
-        carry = (x, cache.k, cache.v)
-        if layer_params is None:
-            carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(cfg.n_layers)))
-        else:
-            for index, params in enumerate(layer_params):
-                carry, _ = body(carry, (params, index))
-        x, k_all, v_all = carry
-        logits = self.logits_from_hidden(self.final_norm(x))
-        return logits, KVCache(k=k_all, v=v_all, positions=slot_pos)
-
-    def _forward_cached_mod(self, tokens, positions, cache: ModKVCache, offset, groups=None):
-        """`forward_cached` with routed layers: dense layers use the full cache, each routed
-        layer its compacted one (`ModBlock.cached`); routing is always causal (threshold-p,
-        or the predictor / router sign for top-k layers)."""
-        cfg = self.cfg
-        every = cfg.mod.every
-        slot_pos = jax.lax.dynamic_update_slice(
-            cache.positions, positions.astype(jnp.int32), (0, offset)
-        )
-        visible = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= positions[:, :, None])
-        mask = visible[:, None]
-        cos, sin = self.rope_tables(positions)
-        x = self.embed(tokens).astype(cfg.compute_dtype)
-        dense_def = None if self.blocks is None else nnx.graphdef(self.blocks)
-        mod_def = nnx.graphdef(self.mod_blocks)
-
-        def body(carry, layer):
-            h, k_all, v_all, routed = carry
-            dense_p, mod_p, g = layer
+        every, kind, special = self._plan()
+        graphdef, state = nnx.split(self)
+        copy = nnx.merge(graphdef, state)
+        special_def, special_p = _split_weights(special)
+        dense_def = dense = None
+        if kind != "dense" and self.blocks is not None:
+            dense_def, dense = _split_weights(self.blocks)
+        layers = []
+        for g in range(cfg.n_layers // every):
             for i in range(every - 1):
-                if isinstance(dense_p, list):
-                    params = dense_p[i]
-                else:
-                    params = jax.tree.map(lambda a, i=i: a[i], dense_p)
-                block = nnx.merge(dense_def, params)
-                index = g * (every - 1) + i
-                h, (k_all, v_all) = block(h, cos, sin, mask, None, (k_all, v_all, index, offset))
-            block = nnx.merge(mod_def, mod_p)
-            h, routed = block.cached(h, cos, sin, positions, routed, g)
-            return (h, k_all, v_all, routed), None
-
-        routed = (cache.routed_k, cache.routed_v, cache.routed_positions, cache.routed_count)
-        carry = (x, cache.k, cache.v, routed)
-        if groups is None:
-            n = cfg.n_mod_layers
-            dense = None
-            if self.blocks is not None:
-                dense = jax.tree.map(
-                    lambda a: a.reshape(n, every - 1, *a.shape[1:]), nnx.state(self.blocks)
+                j = g * (every - 1) + i
+                layers.append(
+                    nnx.merge(dense_def, jax.tree.map(lambda a, j=j: jnp.array(a[j]), dense))
                 )
-            xs = (dense, nnx.state(self.mod_blocks), jnp.arange(n))
-            carry, _ = jax.lax.scan(body, carry, xs)
-        else:
-            for g, (dense_p, mod_p) in enumerate(groups):
-                carry, _ = body(carry, (dense_p, mod_p, g))
-        x, k_all, v_all, (rk, rv, rpos, rcount) = carry
-        logits = self.logits_from_hidden(self.final_norm(x))
-        return logits, ModKVCache(k_all, v_all, slot_pos, rk, rv, rpos, rcount)
-
-    def unstack_layers(self) -> list:
-        """The block parameters as one state per layer (copies), for `forward_cached`; with
-        routed layers, one ``(dense layer states, routed layer state)`` pair per group."""
-        if self.cfg.mod is not None:
-            n, every = self.cfg.n_mod_layers, self.cfg.mod.every
-            dense = None if self.blocks is None else nnx.state(self.blocks)
-            routed = nnx.state(self.mod_blocks)
-            groups = []
-            for g in range(n):
-                dense_g = [
-                    jax.tree.map(lambda a, j=g * (every - 1) + i: jnp.array(a[j]), dense)
-                    for i in range(every - 1)
-                ]
-                groups.append((dense_g, jax.tree.map(lambda a, g=g: jnp.array(a[g]), routed)))
-            return groups
-        _, stacked = nnx.split(self.blocks)
-        return [
-            jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked) for i in range(self.cfg.n_layers)
-        ]
+            layers.append(
+                nnx.merge(special_def, jax.tree.map(lambda a, g=g: jnp.array(a[g]), special_p))
+            )
+        copy.blocks = copy.moe_blocks = copy.mod_blocks = None
+        copy.layer_list = nnx.List(layers)
+        return copy
 
     def logits_from_hidden(self, x):
         """Vocabulary logits (float32) from hidden states."""
@@ -822,20 +744,24 @@ class Transformer(nnx.Module):
             return flat.reshape(*x.shape[:-1], table.shape[0]).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
-    def __call__(
-        self, tokens, positions=None, mask=None, *, dropout_key=None, causal_routing=False
-    ):
-        """Logits ``[B, S, vocab]`` (float32); arguments as in `hidden_states`. With MoE
-        or routed (MoD) layers: ``(logits, aux_losses)``, the aux losses already weighted
-        (`jaxeff.nn.moe`, `ModConfig.router_bce_weight`). ``causal_routing``: top-k routed
-        layers route by their causal predictor, as in decoding."""
-        x, aux, _ = self._forward(
-            tokens, positions, mask, dropout_key, causal_routing=causal_routing
-        )
-        logits = self.logits_from_hidden(x)
-        if self.cfg.moe is None and self.cfg.mod is None:
-            return logits
-        return logits, aux
+
+def _split_weights(module):
+    """``(graphdef, weights)`` of stacked blocks that enter a ``lax.scan``. Under `nnx.capture`
+    (`forward_with_intermediates`) every submodule carries capture slots; the stacked blocks
+    never sow (their per-layer copies do, under their own capture in the scan body), so their
+    slots are dropped before the split."""
+    for _, m in nnx.iter_modules(module):
+        if "__captures__" in vars(m):
+            delattr(m, "__captures__")
+    return nnx.split(module)
+
+
+def _reduce_intermediates(inter: dict) -> dict:
+    """Per-group intermediates ``[groups, ...]`` -> losses summed over the layers, routing
+    decisions kept stacked ``[n_special_layers, ...]``."""
+    return {
+        name: jnp.sum(value) if name.endswith("_loss") else value for name, value in inter.items()
+    }
 
 
 def param_logical_axes(params: nnx.State) -> nnx.State:

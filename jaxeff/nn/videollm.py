@@ -53,9 +53,8 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.nn import mod
-from jaxeff.nn.attention import causal_mask
 from jaxeff.nn.rope import rope_cos_sin, rope_frequencies
-from jaxeff.nn.transformer import Block, RMSNorm, TransformerConfig
+from jaxeff.nn.transformer import Block, LayerInputs, RMSNorm, TransformerConfig
 
 PAD_ID = 1  # jaxeff.data.tokenize's PAD_TOKEN
 EOS_ID = 0  # jaxeff.data.tokenize's EOS_TOKEN
@@ -287,9 +286,16 @@ def make_batch(
 
 def straight_through_weights(scores: jax.Array) -> jax.Array:
     """``exp(log sigmoid(s) - stop_gradient(log sigmoid(s)))``: 1 exactly, gradient
-    ``1 - sigmoid(s)``."""
-    ls = jax.nn.log_sigmoid(scores.astype(jnp.float32))
-    return jnp.exp(ls - jax.lax.stop_gradient(ls))
+    ``1 - sigmoid(s)`` (`jaxeff.nn.mod.router_weights` with ``"straight_through"``)."""
+    return mod.router_weights(scores, "straight_through")
+
+
+def routing_config(r: float, cfg: VideoLLMConfig) -> mod.ModConfig:
+    """The `jaxeff.nn.mod.Router` rule of a routed layer: per-frame top-``r`` of the vision
+    tokens, text always, outputs unscaled (straight-through weights)."""
+    return mod.ModConfig(
+        router="frame_topr", r=r, num_frames=cfg.frames, weighting="straight_through"
+    )
 
 
 def vision_route(
@@ -304,10 +310,8 @@ def vision_route(
 def routed_layer(
     block_fn, scores: jax.Array, x: jax.Array, positions: jax.Array, frame_ids, r, cfg
 ) -> tuple[jax.Array, jax.Array]:
-    """One VideoLLM-MoD layer: ``block_fn(x_sub, positions_sub)`` on the routed tokens only.
-
-    Returns the new ``x`` and the routed mask ``[B, L]``.
-    """
+    """One VideoLLM-MoD layer from router ``scores [B, L]``: ``block_fn(x_sub, positions_sub)``
+    on the routed tokens only. Returns the new ``x`` and the routed mask ``[B, L]``."""
     route = vision_route(scores, frame_ids, r, cfg)
     out = mod.routed_block(block_fn, x, positions, route, straight_through_weights(scores))
     return out, route.mask
@@ -345,9 +349,13 @@ class VideoLLM(nnx.Module):
             return Block(tcfg, rngs=layer_rngs)
 
         self.blocks = make_blocks(rngs)
-        groups = cfg.n_layers // cfg.route_every
-        self.router_w = nnx.Param(init(rngs.params(), (groups, cfg.dim)))
-        self.router_b = nnx.Param(jnp.zeros((groups,), jnp.float32))
+
+        @nnx.split_rngs(splits=cfg.n_layers // cfg.route_every)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_routers(group_rngs):
+            return mod.Router(cfg.dim, std=std, rngs=group_rngs)
+
+        self.routers = make_routers(rngs)  # one `jaxeff.nn.mod.Router` per routed layer, stacked
         self.final_norm = RMSNorm(cfg.dim, tcfg.norm_eps)
 
     def embed_inputs(self, batch) -> jax.Array:
@@ -375,6 +383,7 @@ class VideoLLM(nnx.Module):
         stacked = jax.tree.map(lambda a: a.reshape(groups, every, *a.shape[1:]), stacked)
         tcfg = cfg.transformer()
         inv_freq, factor = rope_frequencies(tcfg.head_dim, tcfg.rope_base, None)
+        router_def, routers = nnx.split(self.routers)
 
         def block_fn(params):
             block = nnx.merge(graphdef, params)
@@ -382,21 +391,28 @@ class VideoLLM(nnx.Module):
             def apply(xs, ps):
                 # gathered tokens are in position order: index-causal is position-causal
                 cos, sin = rope_cos_sin(ps, inv_freq, factor)
-                return block(xs, cos, sin, causal_mask(xs.shape[1]))
+                return block(xs, LayerInputs(cos, sin, ps, {"causal": True}))
 
             return apply
 
         def body(h, layer):
-            params, w, bias = layer
+            params, router_p = layer
             for i in range(every - 1):
                 h = block_fn(jax.tree.map(lambda a, i=i: a[i], params))(h, positions)
             last = block_fn(jax.tree.map(lambda a: a[every - 1], params))
             if r is None:
                 return last(h, positions), jnp.ones((b, length), bool)
-            scores = h @ w.astype(h.dtype) + bias.astype(h.dtype)
-            return routed_layer(last, scores, h, positions, frame_ids, r, cfg)
+            router = nnx.merge(router_def, router_p)
+            route, weights, _, info = router.route(
+                h,
+                positions,
+                routing_config(r, cfg),
+                frame_ids=frame_ids,
+                max_tokens=cfg.routed_tokens(r),
+            )
+            return mod.routed_block(last, h, positions, route, weights), info["mask"]
 
-        x, masks = jax.lax.scan(body, x, (stacked, self.router_w[...], self.router_b[...]))
+        x, masks = jax.lax.scan(body, x, (stacked, routers))
         return self.final_norm(x), masks
 
     def __call__(self, batch, r: float | None = None) -> tuple[jax.Array, jax.Array]:
@@ -421,7 +437,7 @@ def make_loss_fn(r: float | None):
     """A `jaxeff.train.loop` loss function: per-clip mean caption NLL; metrics ``nll_sum``,
     ``token_count`` (for `jaxeff.train.loop.evaluate`) and ``routed_frac`` (share of the
     tokens the routed layers computed)."""
-    from jaxeff.train.loop import LossOutput
+    from jaxeff.train.losses import LossOutput
 
     def loss_fn(graphdef, params, batch, rng):
         del rng

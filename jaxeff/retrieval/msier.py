@@ -111,7 +111,7 @@ def unsupervised_candidates(
 def _answer_logprob(graphdef, state, tokens, positions, targets, mask):
     """Sum over answer tokens of ``log p(targets | prefix)``; logits only at those positions."""
     model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(tokens)
+    hidden, _ = model(tokens, return_hidden=True)
     picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     logp = jax.nn.log_softmax(model.logits_from_hidden(picked), axis=-1)
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -219,7 +219,7 @@ def option_logprobs(
 @functools.partial(jax.jit, static_argnums=0)
 def _next_token_logp(graphdef, state, tokens, last, ids):
     model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(tokens)
+    hidden, _ = model(tokens, return_hidden=True)
     picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logp = jax.nn.log_softmax(model.logits_from_hidden(picked), axis=-1)
     return logp[:, ids]

@@ -24,22 +24,15 @@ import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxeff.train.losses import LossOutput  # noqa: F401 (re-exported)
 from jaxeff.train.state import TrainState
-
-
-class LossOutput(NamedTuple):
-    """What a loss function returns."""
-
-    per_sample: jax.Array  # [B] loss of each sample
-    aux: Mapping[str, jax.Array]  # auxiliary losses, weighted by ``aux_weights``
-    metrics: Mapping[str, jax.Array]  # logged as they are; sums for eval (see `evaluate`)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,8 @@ from flax import nnx
 
 from jaxeff.llm.chat import IM_END, ChatTemplate
 from jaxeff.nn import lora as lora_lib
-from jaxeff.train.loop import LossOutput, objective, progress
+from jaxeff.train.loop import objective, progress
+from jaxeff.train.losses import LossOutput
 from jaxeff.train.state import TrainState, create_train_state
 
 Messages = Sequence[Mapping[str, str]]
@@ -214,7 +215,10 @@ def sft_loss(graphdef, params, batch, rng, frozen=None) -> LossOutput:
     weight = batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg_in) * (seg_in > 0)
     weight = weight.astype(jnp.float32)
     model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
-    logits = model(inputs, batch["positions"][:, :-1], segment_mask(seg_in), dropout_key=rng)
+    # causal within segments: the rows' `segment_mask`, without materialising it
+    logits, _ = model(
+        inputs, batch["positions"][:, :-1], segment_ids=seg_in, train=rng is not None, dropout_key=rng
+    )
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     counts = jnp.sum(weight, axis=-1)
     per_sample = jnp.sum(nll * weight, axis=-1) / jnp.maximum(counts, 1.0)

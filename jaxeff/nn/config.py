@@ -1,0 +1,389 @@
+"""Configurations of jaxeff's decoder and its routed layers, free of jax.
+
+`TransformerConfig` (a Llama-style decoder), `MoEConfig` (OpenMoE FFN layers), `ModConfig`
+(Mixture-of-Depths / MoDification routed layers) and `RopeScaling` (PI, NTK, YaRN, Llama 3
+context extension) are frozen dataclasses of plain Python values: experiments embed them in
+their own configs (``--set model.n_layers=6``), and ``import jaxeff.nn.config`` does not import
+jax, so a launcher can read and validate a run's configuration before any device starts.
+Anything that needs jax (``compute_dtype``) imports it inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+ROPE_METHODS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How to stretch RoPE beyond the pretraining context ``original_max_len``.
+
+    Args:
+      method: one of ``ROPE_METHODS`` (see the module docstring).
+      factor: the extension ratio ``s >= 1`` (target length / ``original_max_len``).
+      original_max_len: ``L0``, the context length the model was pretrained on (used by
+        ``dynamic_ntk``, ``yarn`` and ``llama3``).
+      beta_fast, beta_slow: YaRN's ramp bounds in rotations over ``L0``: dimensions that turn
+        more than ``beta_fast`` times are kept, fewer than ``beta_slow`` times interpolated.
+      low_freq_factor, high_freq_factor: Llama 3.1's wavelength bounds: wavelengths above
+        ``L0 / low_freq_factor`` are divided by ``s``, below ``L0 / high_freq_factor`` kept.
+    """
+
+    method: str = "none"
+    factor: float = 1.0
+    original_max_len: int = 2048
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self):
+        if self.method not in ROPE_METHODS:
+            raise ValueError(
+                f"RopeScaling.method={self.method!r}; allowed: {', '.join(ROPE_METHODS)}"
+            )
+        if not (_is_real(self.factor) and math.isfinite(self.factor) and self.factor >= 1):
+            raise ValueError(f"RopeScaling.factor={self.factor!r}; allowed: a finite number >= 1")
+        if not (
+            isinstance(self.original_max_len, numbers.Integral)
+            and not isinstance(self.original_max_len, bool)
+            and self.original_max_len >= 1
+        ):
+            raise ValueError(
+                f"RopeScaling.original_max_len={self.original_max_len!r}; allowed: an int >= 1"
+            )
+        if self.method == "yarn" and not (
+            _is_real(self.beta_slow)
+            and _is_real(self.beta_fast)
+            and 0 < self.beta_slow < self.beta_fast
+        ):
+            raise ValueError(
+                f"RopeScaling.beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}; "
+                "allowed: 0 < beta_slow < beta_fast (YaRN)"
+            )
+        if self.method == "llama3" and not (
+            _is_real(self.low_freq_factor)
+            and _is_real(self.high_freq_factor)
+            and 0 < self.low_freq_factor < self.high_freq_factor
+        ):
+            raise ValueError(
+                f"RopeScaling.low_freq_factor={self.low_freq_factor!r}, "
+                f"high_freq_factor={self.high_freq_factor!r}; "
+                "allowed: 0 < low_freq_factor < high_freq_factor (llama3)"
+            )
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+CONVENTIONS = ("flaxformer", "maxtext")
+IMPLEMENTATIONS = ("einsum", "ragged_dot", "gmm")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts FFN and where it goes in the decoder.
+
+    Attributes:
+      num_experts: ``E``.
+      top_k: experts per token (OpenMoE: 2).
+      expert_dim: hidden width of each SwiGLU expert.
+      every: one MoE layer every ``every`` decoder layers (the last of each run of ``every``);
+        ``n_layers`` must divide by it. OpenMoE uses 4 or 6.
+      residual: residual MoE, ``x + MoE(x) + FFN(x)`` (OpenMoE); False: ``x + MoE(x)``.
+      capacity_factor / eval_capacity_factor: ``cf`` in training / evaluation.
+      min_capacity: lower bound on ``C``.
+      capacity_convention: "flaxformer" (``cf S / E``) or "maxtext" (``cf S k / E``).
+      implementation: "einsum", "ragged_dot" or "gmm" (see the module docstring).
+      load_balance_weight / z_loss_weight: weights of the auxiliary losses.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 256
+    every: int = 4
+    residual: bool = True
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    capacity_convention: str = "flaxformer"
+    implementation: str = "einsum"
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 1e-4
+
+    def __post_init__(self):
+        checks = {
+            "num_experts": (self.num_experts >= 1, ">= 1"),
+            "top_k": (1 <= self.top_k <= self.num_experts, "in 1..num_experts"),
+            "expert_dim": (self.expert_dim >= 1, ">= 1"),
+            "every": (self.every >= 1, ">= 1"),
+            "capacity_factor": (self.capacity_factor > 0, "> 0"),
+            "eval_capacity_factor": (self.eval_capacity_factor > 0, "> 0"),
+            "min_capacity": (self.min_capacity >= 0, ">= 0"),
+            "load_balance_weight": (self.load_balance_weight >= 0, ">= 0"),
+            "z_loss_weight": (self.z_loss_weight >= 0, ">= 0"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
+        if self.capacity_convention not in CONVENTIONS:
+            raise ValueError(
+                f"MoEConfig.capacity_convention={self.capacity_convention!r}; "
+                f"allowed: {', '.join(CONVENTIONS)}"
+            )
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"MoEConfig.implementation={self.implementation!r}; "
+                f"allowed: {', '.join(IMPLEMENTATIONS)}"
+            )
+
+    def capacity(self, tokens_per_group: int, train: bool) -> int:
+        cf = self.capacity_factor if train else self.eval_capacity_factor
+        return expert_capacity(
+            tokens_per_group,
+            self.num_experts,
+            cf,
+            top_k=self.top_k,
+            convention=self.capacity_convention,
+            min_capacity=self.min_capacity,
+        )
+
+
+def expert_capacity(
+    tokens_per_group: int,
+    num_experts: int,
+    capacity_factor: float,
+    *,
+    top_k: int = 1,
+    convention: str = "flaxformer",
+    min_capacity: int = 4,
+) -> int:
+    """Slots per expert and group: ``ceil(cf * S / E)`` (Flaxformer) or ``ceil(cf * S * k / E)``
+    (MaxText), at least ``min_capacity``."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"capacity convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+    slots = capacity_factor * tokens_per_group / num_experts
+    if convention == "maxtext":
+        slots *= top_k
+    return max(int(math.ceil(slots - 1e-9)), min_capacity)
+
+
+ROUTERS = ("topk", "threshold", "frame_topr")
+WEIGHTINGS = ("raw", "sigmoid", "none", "straight_through")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModConfig:
+    """Routed (Mixture-of-Depths) layers in the shared decoder (`TransformerConfig.mod`).
+
+    Attributes:
+      router: ``"topk"`` (MoD expert-choice top-k over the sequence, ``capacity``),
+        ``"threshold"`` (MoDification: a token runs the layer iff ``sigmoid(r_i) > p``) or
+        ``"frame_topr"`` (VideoLLM-MoD: per frame the top ``r`` of its vision tokens, text always;
+        needs frame ids, so not in the text decoder).
+      capacity: top-k capacity ``c`` in (0, 1] (``k = max(1, floor(c S))``).
+      p: threshold in [0, 1).
+      r: per-frame vision ratio in (0, 1] of ``"frame_topr"``; ``num_frames`` its frame count.
+      every: one routed layer every ``every`` layers (the last of each run; ``n_layers`` must
+        divide by it). MoD's best: 2 (every other block).
+      weighting: output scale ``w_i`` (`jaxeff.nn.mod.router_weights`); None: ``"raw"`` for
+        top-k (MoD's ``r_i``), ``"none"`` otherwise (a converted model keeps its block outputs);
+        ``"straight_through"``: 1 exactly with the gradient of ``log sigmoid(r_i)``.
+      router_bce_weight: weight of the top-k auxiliary BCE (router logit vs top-k membership),
+        which makes ``r_i > 0`` a causal decision for decoding.
+      predictor_hidden: > 0 adds MoD's small MLP predictor on ``stop_gradient(x)``, trained by
+        BCE against the top-k decision (aux ``mod_predictor_bce``, weight 1: it cannot move the
+        model); causal decoding then routes by ``predictor > 0``.
+      cache_fraction: causal routing (threshold, or top-k decoded with the predictor) computes
+        at most ``ceil(cache_fraction * S)`` tokens per row and routed layer (the earliest routed
+        ones; later routed tokens are skipped): the routed layers' KV caches hold that many
+        slots, so a full forward of ``S`` tokens and decoding into a cache of ``S`` slots agree.
+      keep_first: the first ``keep_first`` positions are always computed under causal routing
+        (attention sinks; a decision by position, still causal).
+    """
+
+    router: str = "topk"
+    capacity: float = 0.125
+    p: float = 0.5
+    r: float = 0.2
+    num_frames: int = 1
+    every: int = 2
+    weighting: str | None = None
+    router_bce_weight: float = 0.01
+    predictor_hidden: int = 0
+    cache_fraction: float = 1.0
+    keep_first: int = 0
+
+    def __post_init__(self):
+        checks = {
+            "router": (self.router in ROUTERS, ", ".join(repr(r) for r in ROUTERS)),
+            "capacity": (0.0 < self.capacity <= 1.0, "in (0, 1]"),
+            "p": (0.0 <= self.p < 1.0, "in [0, 1)"),
+            "r": (0.0 < self.r <= 1.0, "in (0, 1]"),
+            "num_frames": (self.num_frames >= 1, ">= 1"),
+            "every": (self.every >= 1, ">= 1"),
+            "weighting": (self.weighting in (None, *WEIGHTINGS), f"None or one of {WEIGHTINGS}"),
+            "router_bce_weight": (self.router_bce_weight >= 0, ">= 0"),
+            "predictor_hidden": (self.predictor_hidden >= 0, ">= 0"),
+            "cache_fraction": (0.0 < self.cache_fraction <= 1.0, "in (0, 1]"),
+            "keep_first": (self.keep_first >= 0, ">= 0"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"ModConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
+
+    @property
+    def output_weighting(self) -> str:
+        return self.weighting or ("raw" if self.router == "topk" else "none")
+
+    def max_tokens(self, length: int) -> int:
+        """Routed-layer slots for a sequence (or cache) of ``length``: ``ceil(f * length)``."""
+        return max(1, min(length, int(math.ceil(self.cache_fraction * length - 1e-9))))
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+# implementations of jaxeff.nn.attention.dot_product_attention
+ATTENTION_IMPLEMENTATIONS = ("xla", "xla_chunked", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and options of a Llama-style decoder."""
+
+    vocab_size: int = 4096
+    dim: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    ffn_dim: int = 1408
+    max_seq_len: int = 2048
+    rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # PI / NTK / YaRN context extension
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False  # recompute block activations in the backward pass
+    scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled loop)
+    init_std: float = 0.02
+    moe: MoEConfig | None = None  # Mixture-of-Experts FFN every moe.every layers
+    mod: ModConfig | None = None  # Mixture-of-Depths routed layer every mod.every layers
+    # attention implementation (jaxeff.nn.attention.dot_product_attention); None: per backend
+    attention: str | None = None
+
+    @classmethod
+    def smollm2_135m(cls, **overrides) -> TransformerConfig:
+        """SmolLM2-135M (Allal et al., 2025): 30 layers, width 576, 9 query / 3 KV heads,
+        SwiGLU 1536, vocabulary 49152, RoPE base 1e5, context 8192, tied embeddings."""
+        base = dict(
+            vocab_size=49152,
+            dim=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            ffn_dim=1536,
+            max_seq_len=8192,
+            rope_base=100000.0,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def lm_cpu(cls, **overrides) -> TransformerConfig:
+        """The ``lm`` experiment's cpu model: 4 layers, width 512, 8 heads, SwiGLU 1408."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> TransformerConfig:
+        """A model for unit tests and smoke runs: 2 layers, width 64, 4 / 2 heads."""
+        base = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+        return cls(**{**base, **overrides})
+
+    def __post_init__(self):
+        checks = {
+            "vocab_size": self.vocab_size > 0,
+            "dim": self.dim > 0,
+            "n_layers": self.n_layers > 0,
+            "n_heads": self.n_heads > 0 and self.dim % self.n_heads == 0,
+            "n_kv_heads": self.n_kv_heads > 0 and self.n_heads % max(self.n_kv_heads, 1) == 0,
+            "ffn_dim": self.ffn_dim > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"TransformerConfig.{name}={getattr(self, name)!r} is invalid "
+                    "(dim must divide by n_heads, n_heads by n_kv_heads, dropout in [0, 1))"
+                )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"TransformerConfig.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}"
+            )
+        if self.moe is not None and self.n_layers % self.moe.every:
+            raise ValueError(
+                f"TransformerConfig.n_layers={self.n_layers} must divide by moe.every="
+                f"{self.moe.every} (one MoE layer per run of `every` layers)"
+            )
+
+        if self.mod is not None and self.n_layers % self.mod.every:
+            raise ValueError(
+                f"TransformerConfig.n_layers={self.n_layers} must divide by mod.every="
+                f"{self.mod.every} (one routed layer per run of `every` layers)"
+            )
+        if self.mod is not None and self.mod.router == "frame_topr":
+            raise ValueError(
+                "TransformerConfig.mod.router='frame_topr' needs frame ids; allowed in the "
+                "decoder: 'topk', 'threshold' (jaxeff.nn.videollm routes frames)"
+            )
+        if self.attention not in (None, *ATTENTION_IMPLEMENTATIONS):
+            raise ValueError(
+                f"TransformerConfig.attention={self.attention!r}; allowed: None (per backend), "
+                + ", ".join(ATTENTION_IMPLEMENTATIONS)
+            )
+        if self.mod is not None and self.moe is not None:
+            raise ValueError("TransformerConfig: set at most one of moe and mod, not both")
+
+    @property
+    def n_mod_layers(self) -> int:
+        return 0 if self.mod is None else self.n_layers // self.mod.every
+
+    @property
+    def n_moe_layers(self) -> int:
+        return 0 if self.moe is None else self.n_layers // self.moe.every
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        import jax.numpy as jnp
+
+        return getattr(jnp, self.dtype)
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count, embeddings included (the tied head counted once); ``active``
+        counts only the ``top_k`` experts a token uses in MoE layers."""
+        d, f, h = self.dim, self.ffn_dim, self.head_dim
+        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        blocks = self.n_layers * block
+        if self.moe is not None:
+            m = self.moe
+            experts = m.top_k if active else m.num_experts
+            moe_block = attn + 2 * d + d * m.num_experts + 3 * experts * d * m.expert_dim
+            moe_block += 3 * d * f if m.residual else 0
+            blocks = (self.n_layers - self.n_moe_layers) * block + self.n_moe_layers * moe_block
+        if self.mod is not None:
+            hidden = self.mod.predictor_hidden
+            predictor = (d * hidden + hidden + hidden + 1) if hidden else 0
+            blocks += self.n_mod_layers * (d + 1 + predictor)
+        return self.vocab_size * d + blocks + d + head
