@@ -8,10 +8,11 @@ extrapolation past the pretraining length scatters attention (entropy rises), ex
 keep the attention pattern close to the pretrained one keep it low, and high entropy goes with
 retrieval errors.
 
-`entropy_forward` runs the model's own computation (its parameters, RoPE tables with any
-scaling, projections, `jaxeff.nn.attention.attention_weights`, MLP) one layer at a time, slicing
-the stacked block parameters, and evaluates attention ``query_chunk`` queries at a time, so the
-probabilities never take more than ``B x heads x query_chunk x S`` floats. It returns the
+`entropy_forward` runs the model's own forward pass (``Transformer.__call__`` with
+``attention_entropy_chunk``: RoPE tables with any scaling, projections, MLP), in which every
+layer's attention is `jaxeff.nn.attention.causal_attention_with_entropy`, evaluated
+``query_chunk`` queries at a time so that the probabilities never take more than
+``B x heads x query_chunk x S`` floats; the layers sow the entropies. It returns the
 final-norm hidden states as well, so that perplexity and passkey predictions come from the same
 pass (`token_nll`, `logits_at`). `perplexity` is the plain helper through ``model(tokens)``.
 
@@ -22,7 +23,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -31,74 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxeff.nn.attention import attention_weights, causal_mask
-from jaxeff.nn.rope import apply_rope
-from jaxeff.nn.transformer import Transformer, TransformerConfig
+from jaxeff.nn.transformer import Transformer, TransformerConfig, forward_with_intermediates  # noqa: F401
 
 
-@functools.lru_cache(maxsize=32)
-def _canonical_graphdefs(cfg: TransformerConfig):
-    """Graph definitions of the model and of its stacked blocks with ``rope_scaling=None``.
-
-    RoPE enters the jitted functions below only through the cos/sin tables passed in, so the
-    scaling is dropped from the static graph: every RoPE method then shares one compilation per
-    shape instead of one per method.
-    """
-    base = dataclasses.replace(cfg, rope_scaling=None)
-    abstract = nnx.eval_shape(lambda: Transformer(base, rngs=nnx.Rngs(0)))
-    return nnx.graphdef(abstract), nnx.graphdef(abstract.blocks)
-
-
-def _split(model: Transformer):
-    graphdef, block_graphdef = _canonical_graphdefs(model.cfg)
-    return graphdef, block_graphdef, nnx.state(model), nnx.state(model.blocks)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed(graphdef, state, tokens):
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _entropy_forward(graphdef, state, tokens, chunk: int):
     model = nnx.merge(graphdef, state)
-    return model.embed(tokens).astype(model.cfg.compute_dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _final_norm(graphdef, state, x):
-    return nnx.merge(graphdef, state).final_norm(x)
-
-
-@functools.partial(jax.jit, static_argnames=("block_graphdef", "chunk"))
-def _layer(block_graphdef, params, x, cos, sin, chunk: int):
-    """One decoder layer on ``x [B, S, dim]``; returns the new ``x`` and the per-query entropy
-    ``[B, S]`` averaged over heads."""
-    block = nnx.merge(block_graphdef, params)
-    cfg, attn = block.cfg, block.attn
-    b, s, _ = x.shape
-    n, kv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    h = block.attn_norm(x)
-    q = attn.q(h).reshape(b, s, n, d)
-    k = attn.k(h).reshape(b, s, kv, d)
-    v = attn.v(h).reshape(b, s, kv, d)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    outs, entropies = [], []
-    # Unrolled over query chunks, each against its causal key prefix only: half the work of
-    # full-width blocks, and static shapes (one program per sequence length). The barrier
-    # orders the chunks, so that only one chunk's probabilities are alive at a time.
-    for lo in range(0, s, chunk):
-        hi = min(lo + chunk, s)
-        q_c = q[:, lo:hi]
-        if outs:
-            _, q_c = jax.lax.optimization_barrier((outs[-1], q_c))
-        probs = attention_weights(q_c, k[:, :hi], causal_mask(hi - lo, hi, offset=lo))
-        positive = probs > 0
-        plogp = jnp.where(positive, probs * jnp.log(jnp.where(positive, probs, 1.0)), 0.0)
-        entropies.append(-jnp.sum(plogp, axis=-1).mean(axis=1))  # [B, chunk], mean over heads
-        # head n = kv_head * G + g, as in attention_weights and dot_product_attention
-        grouped = probs.astype(v.dtype).reshape(b, kv, n // kv, hi - lo, hi)
-        out = jnp.einsum("bkgcs,bskd->bckgd", grouped, v[:, :hi])
-        outs.append(out.reshape(b, hi - lo, n * d))
-    out, entropy = jnp.concatenate(outs, axis=1), jnp.concatenate(entropies, axis=1)
-    x = x + attn.o(out.astype(x.dtype))
-    x = x + block.mlp(block.mlp_norm(x))
-    return x, entropy
+    hidden, _, _, info = forward_with_intermediates(
+        model, tokens, return_hidden=True, attention_entropy_chunk=chunk
+    )
+    return hidden, info["attention_entropy"]  # [n_layers, B, S]
 
 
 def entropy_forward(
@@ -114,7 +56,7 @@ def entropy_forward(
 
     Returns:
       ``(hidden, entropy)``: the final-norm hidden states ``[B, S, dim]`` (as
-      ``model.hidden_states(tokens)``) and float32 ``[B, n_layers, S]``, the entropy (nats) of
+      ``model(tokens, return_hidden=True)``) and float32 ``[B, n_layers, S]``, the entropy (nats) of
       each query's attention distribution averaged over heads.
     """
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
@@ -122,19 +64,9 @@ def entropy_forward(
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, S], got shape {tokens.shape}")
-    b, s = tokens.shape
-    graphdef, block_graphdef, state, blocks = _split(model)
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    cos, sin = model.rope_tables(positions)
-    x = _embed(graphdef, state, tokens)
-    chunk = min(query_chunk, s)
-    entropies = []
-    for layer in range(model.cfg.n_layers):
-        params = jax.tree.map(lambda a, i=layer: a[i], blocks)
-        x, entropy = _layer(block_graphdef, params, x, cos, sin, chunk)
-        entropies.append(entropy)
-    hidden = _final_norm(graphdef, state, x)
-    return hidden, np.asarray(jnp.stack(entropies, axis=1), np.float32)
+    graphdef, state = nnx.split(model)
+    hidden, entropy = _entropy_forward(graphdef, state, tokens, min(query_chunk, tokens.shape[1]))
+    return hidden, np.asarray(jnp.swapaxes(entropy, 0, 1), np.float32)
 
 
 def attention_entropy(model: Transformer, tokens, query_chunk: int = 256) -> np.ndarray:
@@ -163,7 +95,7 @@ def _token_nll(graphdef, state, hidden, targets):
 def token_nll(model: Transformer, hidden, targets) -> np.ndarray:
     """Next-token NLL ``[B, T]`` (nats) of ``targets [B, T]`` from hidden states ``[B, T, dim]``
     (hidden state ``t`` predicts ``targets[:, t]``)."""
-    graphdef, _, state, _ = _split(model)
+    graphdef, state = nnx.split(model)
     return np.asarray(_token_nll(graphdef, state, hidden, jnp.asarray(targets, jnp.int32)))
 
 

@@ -47,8 +47,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import NamedTuple
 
 import jax

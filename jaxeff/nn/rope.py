@@ -43,13 +43,12 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
 
 import jax.numpy as jnp
 
 from jaxeff.nn.config import ROPE_METHODS, RopeScaling, _is_real  # noqa: F401 (re-exported)
+
 
 def ntk_base(head_dim: int, base: float, factor):
     """NTK-aware base ``base' = base * s^(d / (d - 2))`` (bloc97, 2023).

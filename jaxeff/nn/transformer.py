@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn import mod as mod_lib
-from jaxeff.nn.attention import dot_product_attention
+from jaxeff.nn.attention import causal_attention_with_entropy, dot_product_attention
 from jaxeff.nn.config import ModConfig, MoEConfig, RopeScaling, TransformerConfig  # noqa: F401
 from jaxeff.nn.moe import MoELayer
 from jaxeff.nn.rope import apply_rope, rope_cos_sin, rope_frequencies
@@ -189,6 +189,7 @@ class LayerInputs:
     attention: Mapping
     mask: jax.Array | None = None  # the user's dense mask, if any
     segment_ids: jax.Array | None = None
+    entropy_chunk: int | None = None  # sow each query's attention entropy (`Attention`)
 
     def gathered(self, idx) -> LayerInputs:
         """The inputs of the tokens ``idx [B, n]`` (ascending) run alone by a routed layer:
@@ -248,6 +249,11 @@ class Attention(nnx.Module):
         slots ``cache.index ..`` of dense cache layer ``layer`` and the queries attend over that
         layer's slots; returns ``(out, cache)`` then."""
         q, k, v = self.project(x, inputs.cos, inputs.sin)
+        if cache is None and inputs.entropy_chunk:
+            out, entropy = causal_attention_with_entropy(q, k, v, inputs.entropy_chunk)
+            _sow(self, {"attention_entropy": entropy})
+            b, t = q.shape[:2]
+            return self.o(out.reshape(b, t, self.cfg.n_heads * self.cfg.head_dim))
         if cache is None:
             return self.attend(q, k, v, inputs.attention)
         start = (layer, 0, cache.index, 0, 0)
@@ -502,6 +508,7 @@ class Transformer(nnx.Module):
         mask=None,
         segment_ids=None,
         causal_routing: bool = False,
+        attention_entropy_chunk: int | None = None,
     ):
         """``(logits [B, T, vocab] float32, or final-norm hidden states [B, T, dim], cache)``.
 
@@ -521,6 +528,10 @@ class Transformer(nnx.Module):
           segment_ids: int ``[B, T]``: causal attention within equal ids (packed rows).
           causal_routing: top-k routed (MoD) layers route by their causal predictor (as in
             decoding) instead of top-k over the sequence.
+          attention_entropy_chunk: sow ``attention_entropy`` ``[n_layers, B, T]``, the entropy
+            of each query's causal attention averaged over heads, computed ``chunk`` queries at
+            a time (`jaxeff.nn.attention.causal_attention_with_entropy`; dense models, no
+            cache, no mask; `jaxeff.evals.attention_entropy` reads it).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -535,9 +546,21 @@ class Transformer(nnx.Module):
             keys = jax.random.split(dropout_key, cfg.n_layers + 1)
             x = _dropout(x, cfg.dropout, keys[0])
             layer_keys = keys[1:]
+        if attention_entropy_chunk and (
+            cache is not None
+            or mask is not None
+            or segment_ids is not None
+            or self._plan()[1] != "dense"
+        ):
+            raise ValueError(
+                "Transformer: attention_entropy_chunk needs a dense model and plain causal "
+                "attention (no cache, mask or segment_ids)"
+            )
         if cache is None:
             masking = _attention_masking(mask, segment_ids)
-            inputs = LayerInputs(cos, sin, positions, masking, mask, segment_ids)
+            inputs = LayerInputs(
+                cos, sin, positions, masking, mask, segment_ids, attention_entropy_chunk
+            )
         else:
             if cfg.moe is not None:
                 raise ValueError("Transformer: KV-cache decoding of MoE models is not supported")
@@ -584,18 +607,18 @@ class Transformer(nnx.Module):
         key = None if keys is None else keys[every - 1]
         inter = {}
         if kind == "dense":
-            if cache is None:
+            if cache is None and inputs.entropy_chunk:
+                h, inter = _captured(special, h, inputs, key)
+            elif cache is None:
                 h = special(h, inputs, key)
             else:
                 h, cache = special(h, inputs, None, cache, g)
         elif kind == "moe":
-            h, inter = nnx.capture(special, nnx.Intermediate)(h, inputs, key, train=train)
+            h, inter = _captured(special, h, inputs, key, train=train)
         elif cache is None:
-            h, inter = nnx.capture(special, nnx.Intermediate)(h, inputs, key, causal=causal)
+            h, inter = _captured(special, h, inputs, key, causal=causal)
         else:
             h, cache = special.cached(h, inputs, cache, g)
-        if not isinstance(inter, dict):
-            inter = nnx.to_pure_dict(inter)
         return h, cache, inter
 
     def _layers(self, x, inputs, layer_keys, cache, train, causal):
@@ -743,6 +766,12 @@ class Transformer(nnx.Module):
             flat = x.reshape(-1, x.shape[-1]) @ table.T.astype(x.dtype)  # 2-D: see `Linear`
             return flat.reshape(*x.shape[:-1], table.shape[0]).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
+
+
+def _captured(module, *args, **kwargs):
+    """``module(*args, **kwargs)`` and what it (or a submodule) sowed, by name."""
+    out, state = nnx.capture(module, nnx.Intermediate)(*args, **kwargs)
+    return out, {path[-1]: var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 def _split_weights(module):

@@ -147,7 +147,7 @@ def dept_lm_loss(graphdef):
     def loss(params, batch):
         tokens = batch["tokens"]
         model = nnx.merge(graphdef, params)
-        logits = model(tokens[:, :-1])
+        logits, _ = model(tokens[:, :-1])
         logits = jnp.where(batch["vocab_mask"], logits, -1e9)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
 
