@@ -145,12 +145,14 @@ def test_perplexity_through_the_model_agrees_with_the_entropy_pass(model):
     np.testing.assert_allclose(-picked, np.take_along_axis(nll, pos, axis=1), atol=1e-5)
 
 
-def test_rope_methods_share_one_compiled_layer(model):
-    ae.entropy_forward(model, TOKENS, query_chunk=3)
-    before = ae._layer._cache_size()
-    for method in ("linear", "ntk", "yarn"):
-        ae.entropy_forward(_rescaled(model, RopeScaling(method, 2.0, 4)), TOKENS, 3)
-    assert ae._layer._cache_size() == before
+def test_entropy_forward_compiles_once_per_method_and_shape(model):
+    scaled = [_rescaled(model, RopeScaling(m, 2.0, 4)) for m in ("linear", "ntk", "yarn")]
+    for m in [model, *scaled]:
+        ae.entropy_forward(m, TOKENS, query_chunk=3)
+    before = ae._entropy_forward._cache_size()
+    for m in [model, *scaled]:
+        ae.entropy_forward(m, TOKENS, query_chunk=3)
+    assert ae._entropy_forward._cache_size() == before
 
 
 @pytest.mark.parametrize("chunk", [0, -1, 2.0, True])
