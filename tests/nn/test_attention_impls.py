@@ -103,9 +103,9 @@ def test_implementations_equal_numpy_forward_and_gradient(name):
     for impl in IMPLS:
         got = call(impl, q, k, v, case)
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{name} {impl}")
-        grads = jax.grad(lambda q, k, v: jnp.sum(call(impl, q, k, v, case) * cot), (0, 1, 2))(
-            q, k, v
-        )
+        grads = jax.grad(
+            lambda q, k, v, impl=impl: jnp.sum(call(impl, q, k, v, case) * cot), (0, 1, 2)
+        )(q, k, v)
         for g_got, g_want in zip(grads, want_grads, strict=True):
             np.testing.assert_allclose(g_got, g_want, atol=1e-5, err_msg=f"{name} {impl} grad")
 
@@ -172,9 +172,8 @@ def _fwd_bwd_temp_bytes(impl: str, t: int) -> int:
 
 def test_chunked_memory_is_linear_in_length():
     xla, chunked = _fwd_bwd_temp_bytes("xla", 8192), _fwd_bwd_temp_bytes("xla_chunked", 8192)
-    print(
-        f"fwd+bwd temp bytes at T=8192: xla {xla / 2**20:.1f} MiB, xla_chunked {chunked / 2**20:.1f} MiB"
-    )
+    mib = 2**20
+    print(f"fwd+bwd temp at T=8192: xla {xla / mib:.1f} MiB, xla_chunked {chunked / mib:.1f} MiB")
     assert chunked <= 0.25 * xla, (xla, chunked)
 
 
