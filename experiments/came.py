@@ -61,21 +61,23 @@ import dataclasses
 import os
 
 from jaxeff.experiment import Experiment
-from jaxeff.experiments import lm
+from jaxeff.nn.config import TransformerConfig
+from jaxeff.train.recipe import DataConfig, LMConfig, OptimConfig, TrainConfig
 
 OPTIMIZERS = ("came", "adamw", "adafactor")
 
 
 @dataclasses.dataclass(frozen=True)
 class CameLMConfig:
-    """``lm``'s data, model and loop, with one peak learning rate per optimizer.
+    """``lm``'s data, model and loop (`jaxeff.train.recipe.LMConfig`), with one peak learning
+    rate per optimizer.
 
     ``lm.optim`` supplies what all three share: warmup steps, weight decay (decoupled,
     lr-scaled, for CAME and AdamW; optax.adafactor's own ``weight_decay_rate`` is left off, as
     in its default) and the global gradient-norm clip. ``lm.optim.learning_rate`` is unused.
     """
 
-    lm: lm.LMConfig = lm.LMConfig()
+    lm: LMConfig = LMConfig()
     came_lr: float = 3e-4
     adamw_lr: float = 3e-3
     adafactor_lr: float = 1e-1
@@ -98,15 +100,28 @@ class BenchConfig:
 
 def get_config(preset: str) -> CameLMConfig:
     if preset == "smoke":
-        base = lm.get_config("smoke")
-        train = dataclasses.replace(base.train, steps=20, eval_every=10, checkpoint_every=20)
-        return CameLMConfig(lm=dataclasses.replace(base, train=train))
+        # the lm experiment's smoke run, 20 steps long
+        base = LMConfig(
+            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
+            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+            train=TrainConfig(
+                batch_size=8,
+                steps=20,
+                log_every=1,
+                eval_every=10,
+                eval_batches=2,
+                checkpoint_every=20,
+                progress=False,
+            ),
+        )
+        return CameLMConfig(lm=base)
     if preset == "cpu":
-        base = lm.LMConfig(
-            data=lm.DataConfig(vocab_size=2048, seq_len=128, max_bytes=1_500_000),
-            model=lm.ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384),
-            optim=lm.OptimConfig(warmup_steps=20, weight_decay=0.1),
-            train=lm.TrainConfig(
+        base = LMConfig(
+            data=DataConfig(vocab_size=2048, seq_len=128, max_bytes=1_500_000),
+            model=TransformerConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384),
+            optim=OptimConfig(warmup_steps=20, weight_decay=0.1),
+            train=TrainConfig(
                 batch_size=16,
                 steps=240,
                 log_every=10,
@@ -144,28 +159,10 @@ def peak_learning_rate(cfg: CameLMConfig, name: str) -> float:
     return getattr(cfg, f"{name}_lr")
 
 
-def make_optimizer(cfg: CameLMConfig, name: str):
-    """The optimizer ``name`` with the run's shared schedule shape, clip and decay."""
-    import optax
-
-    from jaxeff.optim import came
-
-    o, steps = cfg.lm.optim, cfg.lm.train.steps
-    peak = peak_learning_rate(cfg, name)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        peak,
-        max(o.warmup_steps, 1),
-        max(steps, o.warmup_steps + 1),
-        end_value=peak * 0.1,
-    )
-    if name == "came":
-        inner = came(schedule, weight_decay=o.weight_decay)
-    elif name == "adamw":
-        inner = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
-    else:
-        inner = optax.adafactor(schedule)
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), inner)
+def arm_optim(cfg: CameLMConfig, name: str):
+    """The recipe's `OptimConfig` of arm ``name`` at its own peak learning rate (the same
+    schedule shape, clip and weight decay for every arm)."""
+    return dataclasses.replace(cfg.lm.optim, name=name, learning_rate=peak_learning_rate(cfg, name))
 
 
 def state_bytes(tx, params) -> int:
@@ -186,7 +183,8 @@ def run(cfg: CameLMConfig, workdir: str | None = None, resume: bool = False) -> 
     from jaxeff import config as config_lib
     from jaxeff.data.packing import make_loader
     from jaxeff.plots import plot_val_curves
-    from jaxeff.train.loop import LoopConfig, evaluate, fit, make_train_step
+    from jaxeff.train import recipe
+    from jaxeff.train.loop import evaluate, fit, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.metrics import MetricsWriter
     from jaxeff.train.state import create_train_state
@@ -197,32 +195,23 @@ def run(cfg: CameLMConfig, workdir: str | None = None, resume: bool = False) -> 
         raise ValueError(f"optimizers: give at least one of {', '.join(OPTIMIZERS)}")
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-came-lm-")
     os.makedirs(workdir, exist_ok=True)
-    # lm's build gives the data, the model and its initial weights; its AdamW state is unused
-    data, mcfg, graphdef, init_state, _, eval_step = lm.build(cfg.lm)
-    init_params = init_state.params
-    del init_state
+    # the recipe's build gives the data, the model and its initial weights; its AdamW state
+    # is unused
+    built = recipe.build(cfg.lm)
+    data, mcfg, graphdef, eval_step = built.data, built.model_cfg, built.graphdef, built.eval_step
+    init_params = built.state.params
+    del built
     t = cfg.lm.train
-    if t.batch_size > len(data.train):
-        raise ValueError(
-            f"lm.train.batch_size={t.batch_size} exceeds the {len(data.train)} training windows; "
-            "lower it or raise lm.data.max_bytes"
-        )
+    recipe.check_batch_size(data, t.batch_size, "lm.train.batch_size")
 
     def eval_fn(params):
-        return evaluate(eval_step, params, lm.val_batches(data, t.batch_size, t.eval_batches))
+        return evaluate(eval_step, params, recipe.val_batches(data, t.batch_size, t.eval_batches))
 
-    loop = LoopConfig(
-        steps=t.steps,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints,
-        progress=t.progress,
-    )
+    loop = t.loop()
     init_val = eval_fn(init_params)
     results, records_by_opt = {}, {}
     for name in cfg.optimizers:
-        tx = make_optimizer(cfg, name)
+        tx = arm_optim(cfg, name).build(cfg.lm.train.steps)
         # the train step donates its state: each optimizer starts from its own copy
         params = jax.tree.map(jnp.copy, init_params)
         state = create_train_state(params, tx, cfg.lm.seed)

@@ -54,6 +54,8 @@ import os
 import sys
 
 from jaxeff.experiment import Experiment
+from jaxeff.nn.config import TransformerConfig
+from jaxeff.train.recipe import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +73,15 @@ class ImageTask:
 
 @dataclasses.dataclass(frozen=True)
 class LMTask:
-    max_bytes: int = 60_000
-    vocab_size: int = 512
-    seq_len: int = 32
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    ffn_dim: int = 128
+    """The LM arm: prose windows and a decoder (`jaxeff.train.recipe`; the model's vocab_size and
+    max_seq_len come from the data)."""
+
+    data: DataConfig = DataConfig(
+        corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=60_000, val_fraction=0.1
+    )
+    model: TransformerConfig = TransformerConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128
+    )
     epochs: int = 8
     batch_size: int = 16
     learning_rate: float = 3e-3
@@ -130,7 +134,11 @@ def get_infobatch_config(preset: str) -> InfoBatchConfig:
             mnist1d=ImageTask(
                 model="cnn", width=8, epochs=3, batch_size=64, num_train=400, num_test=200
             ),
-            lm=LMTask(max_bytes=40_000, dim=32, n_layers=1, ffn_dim=64, epochs=3),
+            lm=LMTask(
+                data=dataclasses.replace(LMTask.data, max_bytes=40_000),
+                model=TransformerConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64),
+                epochs=3,
+            ),
             progress=False,
         )
     if preset == "cpu":
@@ -206,7 +214,7 @@ def classifier_loss(graphdef, params, batch, rng):
     import optax
     from flax import nnx
 
-    from jaxeff.train.loop import LossOutput
+    from jaxeff.train.losses import LossOutput
 
     del rng
     logits = nnx.merge(graphdef, params)(batch["x"])
@@ -346,29 +354,20 @@ def _infobatch_lm_setup(task: LMTask, seed: int = 0):
     from flax import nnx
 
     from jaxeff.data.infobatch import with_per_sample_loss
-    from jaxeff.data.packing import build_lm_data
-    from jaxeff.experiments import lm
-    from jaxeff.nn.transformer import Transformer, TransformerConfig
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train import recipe
     from jaxeff.train.loop import evaluate, make_eval_step, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.state import create_train_state
 
-    data = build_lm_data(
-        corpora=("prose",),
-        vocab_size=task.vocab_size,
-        seq_len=task.seq_len,
-        max_bytes=task.max_bytes,
-        val_fraction=0.1,
-        seed=0,
-    )
-    mcfg = TransformerConfig(
-        vocab_size=data.vocab_size,
-        dim=task.dim,
-        n_layers=task.n_layers,
-        n_heads=task.n_heads,
-        n_kv_heads=task.n_heads,
-        ffn_dim=task.ffn_dim,
-        max_seq_len=task.seq_len,
+    data = recipe.build_data(task.data, seed=0)
+    mcfg = recipe.model_for_data(
+        task.model,
+        data.vocab_size,
+        task.data.seq_len,
+        requested_vocab=task.data.vocab_size,
+        vocab_knob="lm.data.vocab_size",
+        model_knob="lm.model",
     )
     graphdef, _ = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=seed)))
     tx = make_tx(task.learning_rate, task.weight_decay)
@@ -380,7 +379,7 @@ def _infobatch_lm_setup(task: LMTask, seed: int = 0):
         return create_train_state(params, tx, seed)
 
     def evaluate_fn(params):
-        out = evaluate(eval_step, params, lm.val_batches(data, task.batch_size, 10_000))
+        out = evaluate(eval_step, params, recipe.val_batches(data, task.batch_size, 10_000))
         return {"ppl": out["ppl"]}
 
     return data.train, step, init, evaluate_fn, len(data.train)

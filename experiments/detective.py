@@ -153,37 +153,26 @@ def letter_logprobs(backend, convs, prefixes, n_options, bucket: int = 64) -> li
     """``log p(" X" | conversation, assistant prefix + "Answer:")`` for the option letters X.
 
     With a `LocalBackend` one forward pass per item reads every letter from the same
-    next-token distribution (a quarter of the work of `score_options`, which runs a row per
-    option; the results are equal because the options differ only in their last token, the
-    letter). Other backends go through ``score_options`` on `answer_continuations`.
+    next-token distribution (`jaxeff.evals.options.next_token_logprobs`: a quarter of the work
+    of `score_options`, which runs a row per option; the results are equal because the options
+    differ only in their last token, the letter). Other backends go through ``score_options``
+    on `answer_continuations`.
     """
     if not hasattr(backend, "llm"):
         return [
             backend.score_options(c, answer_continuations(p, k))
             for c, p, k in zip(convs, prefixes, n_options, strict=True)
         ]
-    import numpy as np
-
     from jaxeff.evals.detectbench import LETTERS
-    from jaxeff.infer.generate import round_up
+    from jaxeff.evals.options import next_token_logprobs, option_token_ids
 
     llm = backend.llm
-    letters = []
-    for k in range(max(n_options)):
-        ids = llm.encode(" " + LETTERS[k])
-        if len(ids) != 1:
-            raise ValueError(f"the tokenizer splits ' {LETTERS[k]}' into {len(ids)} tokens")
-        letters.append(ids[0])
+    letters = option_token_ids(llm.encode, [" " + LETTERS[k] for k in range(max(n_options))])
     rows = [
         llm.encode(llm.template.format(c)) + llm.encode(answer_prefix(p))
         for c, p in zip(convs, prefixes, strict=True)
     ]
-    length = round_up(max(len(r) for r in rows), bucket)
-    tokens = np.zeros((len(rows), length), np.int32)
-    last = np.array([len(r) - 1 for r in rows], np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = r
-    logp = np.asarray(_next_token_logprobs(llm.model)(tokens, last, np.array(letters)))
+    logp = next_token_logprobs(llm.model, rows, letters, bucket)
     backend.stats.calls += len(rows)
     return [[float(v) for v in logp[i, :k]] for i, k in enumerate(n_options)]
 
@@ -197,30 +186,6 @@ def text_logprobs(backend, convs, prefixes, options) -> list[list[float]]:
     if hasattr(backend, "score_options_batch"):
         return backend.score_options_batch(convs, rows)
     return [backend.score_options(c, r) for c, r in zip(convs, rows, strict=True)]
-
-
-_SCORERS: dict = {}
-
-
-def _next_token_logprobs(model):
-    """A jitted ``(tokens [B, T], last [B], candidates [K]) -> log p [B, K]`` for ``model``."""
-    key = id(model)
-    if key not in _SCORERS:
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def fn(state, tokens, last, candidates):
-            logits = nnx.merge(graphdef, state)(tokens)
-            at = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-            return jax.nn.log_softmax(at, axis=-1)[:, candidates]
-
-        _SCORERS.clear()  # one model at a time: do not keep old weights alive
-        _SCORERS[key] = lambda t, i, c: fn(state, t, i, c)
-    return _SCORERS[key]
 
 
 def answer(backend, items, condition: str, cfg: DetectiveConfig, bar=None) -> list[dict]:

@@ -28,7 +28,7 @@ JSON: ``ppl_photon``, ``ppl_diloco``, ``ppl_central``, ``comm_reduction_vs_ddp``
 ``target_ppl``, ``local_steps``, ``rounds``, ``clients``, ``params``, ``bytes_per_round`` and
 ``ppl_by_round``.
 
-``dept``: GLOB vs TRIM vs SPEC (`jaxeff.nn.embeddings`) on multilingual silos: numbers written
+``dept``: GLOB vs TRIM vs SPEC (`jaxeff.parallel.dept`) on multilingual silos: numbers written
 out in several languages (num2words), English prose and Python code. GLOB and TRIM share one
 BPE vocabulary; SPEC trains one BPE tokenizer per silo. Per-token perplexities of different
 tokenizers are not comparable, so bits per byte (``bpb``) is reported beside them. Then a
@@ -70,14 +70,11 @@ import math
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.nn.config import TransformerConfig
+from jaxeff.train.recipe import OptimConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    ffn_dim: int = 384
+# the decoder of every run (vocab_size and max_seq_len come from the data)
+MODEL = TransformerConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +86,7 @@ class PhotonConfig:
     vocab_size: int = 1024
     seq_len: int = 64
     val_fraction: float = 0.1
-    model: ModelConfig = ModelConfig()
+    model: TransformerConfig = MODEL
     local_steps: int = 64
     rounds: int = 8
     client_batch: int = 2
@@ -120,7 +117,7 @@ class DeptConfig:
     spec_vocab: int = 384
     seq_len: int = 64
     val_fraction: float = 0.15
-    model: ModelConfig = ModelConfig()
+    model: TransformerConfig = MODEL
     local_steps: int = 32
     rounds: int = 6
     client_batch: int = 4
@@ -131,7 +128,7 @@ class DeptConfig:
     progress: bool = True
 
 
-SMOKE_MODEL = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64)
+SMOKE_MODEL = TransformerConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64)
 
 
 def get_photon_config(preset: str) -> PhotonConfig:
@@ -236,7 +233,7 @@ def _tokenizer(train_docs, vocab_size):
     from jaxeff.data import packing, tokenize
 
     return tokenize.get_tokenizer(
-        packing._docs_key(train_docs), lambda: (d.text for d in train_docs), vocab_size
+        packing.docs_key(train_docs), lambda: (d.text for d in train_docs), vocab_size
     )
 
 
@@ -285,20 +282,13 @@ def client_batch_fn(train: list, local_steps: int, batch: int, seed: int, extra=
     return fn
 
 
-def _model(mcfg: ModelConfig, vocab: int, seq_len: int, seed: int):
+def _model(model: TransformerConfig, vocab: int, seq_len: int, seed: int, vocab_knob: str):
     from flax import nnx
 
-    from jaxeff.nn.transformer import Transformer, TransformerConfig
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.recipe import model_for_data
 
-    tcfg = TransformerConfig(
-        vocab_size=vocab,
-        dim=mcfg.dim,
-        n_layers=mcfg.n_layers,
-        n_heads=mcfg.n_heads,
-        n_kv_heads=mcfg.n_heads,
-        ffn_dim=mcfg.ffn_dim,
-        max_seq_len=seq_len,
-    )
+    tcfg = model_for_data(model, vocab, seq_len, vocab_knob=vocab_knob)
     graphdef, params = nnx.split(Transformer(tcfg, rngs=nnx.Rngs(params=seed)))
     return tcfg, graphdef, params
 
@@ -325,7 +315,7 @@ def _nll_fn(graphdef):
 
     @jax.jit
     def nll(params, tokens, rows, vocab_mask):
-        logits = jnp.where(vocab_mask, nnx.merge(graphdef, params)(tokens[:, :-1]), -1e9)
+        logits = jnp.where(vocab_mask, nnx.merge(graphdef, params)(tokens[:, :-1])[0], -1e9)
         per_token = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         return jnp.sum(per_token * rows[:, None])
 
@@ -362,11 +352,12 @@ def make_eval_fn(graphdef, val, batch: int, max_batches: int, vocab_mask=None):
 
 
 def _adamw(lr: float, steps: int, warmup_frac: float, weight_decay: float):
-    import optax
-
+    """The recipe's warmup-cosine AdamW (`jaxeff.train.recipe.OptimConfig`), unclipped."""
     warmup = max(1, int(warmup_frac * steps))
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
-    return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=weight_decay)
+    optim = OptimConfig(
+        learning_rate=lr, warmup_steps=warmup, weight_decay=weight_decay, clip_norm=None
+    )
+    return optim.build(steps)
 
 
 def photon_task(method: str = "photon", preset: str = "smoke", overrides: dict | None = None):
@@ -383,7 +374,9 @@ def photon_task(method: str = "photon", preset: str = "smoke", overrides: dict |
 def _photon_task(cfg: PhotonConfig, method: str, data: dict):
     from jaxeff.parallel import federated as fed
 
-    tcfg, graphdef, params = _model(cfg.model, data["vocab_size"], cfg.seq_len, cfg.seed)
+    tcfg, graphdef, params = _model(
+        cfg.model, data["vocab_size"], cfg.seq_len, cfg.seed, "vocab_size"
+    )
     total = cfg.rounds * cfg.local_steps
     if method == "photon":
         inner = _adamw(cfg.photon_lr, total, cfg.warmup_frac, cfg.weight_decay)
@@ -694,7 +687,7 @@ def run_dept(cfg: DeptConfig, workdir: str | None = None, resume: bool = False) 
     import numpy as np
     import optax
 
-    from jaxeff.nn import embeddings as emb
+    from jaxeff.parallel import dept as emb
     from jaxeff.parallel import federated as fed
     from jaxeff.train.metrics import MetricsWriter
 
@@ -721,12 +714,16 @@ def run_dept(cfg: DeptConfig, workdir: str | None = None, resume: bool = False) 
         trains, vals, val_bytes = _tokenize_silos(silos, toks, cfg.seq_len)
         sizes = [t.get_vocab_size() for t in toks]
         if variant == "spec":
-            _, graphdef, params = _model(cfg.model, max(sizes), cfg.seq_len, cfg.seed)
+            _, graphdef, params = _model(
+                cfg.model, max(sizes), cfg.seq_len, cfg.seed, "glob_vocab / spec_vocab"
+            )
             client_params, vmask = emb.spec_client_params(
                 params, sizes, jax.random.PRNGKey(cfg.seed + 1)
             )
         else:
-            _, graphdef, params = _model(cfg.model, sizes[0], cfg.seq_len, cfg.seed)
+            _, graphdef, params = _model(
+                cfg.model, sizes[0], cfg.seq_len, cfg.seed, "glob_vocab / spec_vocab"
+            )
             client_params = None
             vmask = (
                 emb.vocab_masks(
@@ -822,7 +819,7 @@ def _adapt(cfg: DeptConfig, heldout, trained, glob_tok, optax) -> dict:
     import jax
     import numpy as np
 
-    from jaxeff.nn import embeddings as emb
+    from jaxeff.parallel import dept as emb
     from jaxeff.parallel import federated as fed
 
     tr, va = heldout

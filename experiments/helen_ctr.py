@@ -173,17 +173,17 @@ def make_model(name: str, cfg: ModelConfig, vocab_sizes, seed):
 def make_optimizer(name: str, cfg: OptimConfig, tables):
     import optax
 
-    from jaxeff.optim.helen import helen
+    from jaxeff.optim import helen
 
     adam = optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2)
     if name == "adam":
         return adam
     if name == "sam":
-        from jaxeff.optim.sam import sam
+        from jaxeff.optim import sam
 
         return sam(adam, rho=cfg.sam_rho)
     if name == "asam":
-        from jaxeff.optim.sam import asam
+        from jaxeff.optim import asam
 
         return asam(adam, rho=cfg.asam_rho, eta=cfg.asam_eta)
     if name == "helen":
@@ -206,8 +206,8 @@ def make_loss_fn(tables):
     import optax
     from flax import nnx
 
-    from jaxeff.optim.helen import param_path
-    from jaxeff.train.loop import LossOutput
+    from jaxeff.optim import param_path
+    from jaxeff.train.losses import LossOutput
 
     tables = frozenset(tables)
 
@@ -262,68 +262,25 @@ def scores(logits, labels) -> dict:
 
 
 def make_top_eig(graphdef, tables, iters: int):
-    """A jitted ``top_eig(params, ids, labels, masks, seed) -> (eigenvalue, residual)``: power
-    iteration on ``P H P`` where ``H`` is the Hessian of the mean training loss with respect to
-    the embedding tables and ``P`` zeroes every row outside ``masks`` (one boolean ``[rows]``
-    mask per table). Like PyHessian, it finds the eigenvalue of largest magnitude (near a
-    minimum the Hessian is close to PSD, so that is the top one). The residual
-    ``||Hv - lambda v||`` tells whether it converged."""
-    import jax
+    """``top_eig(params, ids, labels, masks, seed) -> (eigenvalue, residual)``: the top
+    eigenvalue of the mean training BCE's Hessian w.r.t. the embedding rows in ``masks`` (one
+    boolean ``[rows]`` mask per table), by `jaxeff.evals.sharpness.make_top_eig`."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from jaxeff.optim.helen import param_path
+    from jaxeff.evals.sharpness import make_top_eig as sharpness_top_eig
 
-    tables = tuple(tables)
+    def loss(params, batch):
+        logits = nnx.merge(graphdef, params)(batch["ids"])
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["labels"]))
 
-    def split_tables(params):
-        flat = {param_path(p): x for p, x in _leaves_with_path(params)}
-        return [flat[t] for t in tables]
+    top_eig = sharpness_top_eig(loss, tables, iters)
 
-    def with_tables(params, new):
-        lookup = dict(zip(tables, new, strict=True))
-        return jax.tree_util.tree_map_with_path(lambda p, x: lookup.get(param_path(p), x), params)
+    def fn(params, ids, labels, masks, seed):
+        return top_eig(params, {"ids": ids, "labels": labels}, masks, seed)
 
-    @jax.jit
-    def top_eig(params, ids, labels, masks, seed):
-        key = jax.random.PRNGKey(seed)
-        base = split_tables(params)
-
-        def loss(emb):
-            logits = nnx.merge(graphdef, with_tables(params, emb))(ids)
-            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-
-        grad = jax.grad(loss)
-
-        def project(v):
-            return [x * m[:, None].astype(x.dtype) for x, m in zip(v, masks, strict=True)]
-
-        def hvp(v):
-            return project(jax.jvp(grad, (base,), (project(v),))[1])
-
-        def normalize(v):
-            norm = jnp.sqrt(sum(jnp.sum(x * x) for x in v))
-            return [x / (norm + 1e-12) for x in v]
-
-        keys = jax.random.split(key, len(base))
-        v0 = normalize(
-            project([jax.random.normal(k, x.shape) for k, x in zip(keys, base, strict=True)])
-        )
-
-        def body(_, carry):
-            v, _ = carry
-            hv = hvp(v)
-            lam = sum(jnp.sum(a * b) for a, b in zip(v, hv, strict=True))
-            return normalize(hv), lam
-
-        v, _ = jax.lax.fori_loop(0, iters, body, (v0, jnp.zeros(())))
-        hv = hvp(v)
-        lam = sum(jnp.sum(a * b) for a, b in zip(v, hv, strict=True))
-        residual = jnp.sqrt(sum(jnp.sum((a - lam * b) ** 2) for a, b in zip(hv, v, strict=True)))
-        return lam, residual
-
-    return top_eig
+    return fn
 
 
 def plot_eigenvalues(summary: dict, path: str) -> None:
@@ -368,7 +325,7 @@ def build_fns(cfg: HelenCTRConfig, vocab_sizes, model_name: str, opt_name: str, 
     import jax
     from flax import nnx
 
-    from jaxeff.optim.helen import feature_counts
+    from jaxeff.optim import feature_counts
     from jaxeff.train.loop import make_train_step
     from jaxeff.train.state import create_train_state
 

@@ -410,7 +410,7 @@ def prompt_features(model, prompts, pad_to: int):
 
     @jax.jit
     def pooled(state, tokens, mask):
-        h = nnx.merge(graphdef, state).hidden_states(tokens)
+        h = nnx.merge(graphdef, state)(tokens, return_hidden=True)[0]
         return (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
 
     out = []

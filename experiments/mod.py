@@ -30,17 +30,18 @@ import dataclasses
 import os
 
 from jaxeff.experiment import Experiment
-from jaxeff.experiments import lm
+from jaxeff.nn.config import ModConfig, TransformerConfig
+from jaxeff.train.recipe import DataConfig, LMConfig, OptimConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModBenchConfig:
     batch: int = 4
     seq_len: int = 1024
-    dim: int = 256
-    heads: int = 4
-    kv_heads: int = 2
-    ffn_dim: int = 704
+    # the decoder block timed (n_layers 1; vocab_size unused; max_seq_len is seq_len)
+    model: TransformerConfig = TransformerConfig(
+        dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=704
+    )
     capacities: tuple[float, ...] = (0.5, 0.25, 0.125)
     repeats: int = 7
     seed: int = 0
@@ -49,7 +50,10 @@ class ModBenchConfig:
 def get_bench_config(preset: str) -> ModBenchConfig:
     if preset == "smoke":
         return ModBenchConfig(
-            batch=1, seq_len=64, dim=32, heads=2, kv_heads=1, ffn_dim=64, repeats=1
+            batch=1,
+            seq_len=64,
+            model=TransformerConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+            repeats=1,
         )
     return ModBenchConfig()
 
@@ -60,21 +64,12 @@ def _block_fns(cfg: ModBenchConfig):
     from flax import nnx
 
     from jaxeff.nn import mod
-    from jaxeff.nn.attention import causal_mask
     from jaxeff.nn.rope import rope_cos_sin, rope_frequencies
-    from jaxeff.nn.transformer import Block, TransformerConfig
+    from jaxeff.nn.transformer import Block, LayerInputs
 
-    mcfg = TransformerConfig(
-        vocab_size=8,
-        dim=cfg.dim,
-        n_layers=1,
-        n_heads=cfg.heads,
-        n_kv_heads=cfg.kv_heads,
-        ffn_dim=cfg.ffn_dim,
-        max_seq_len=cfg.seq_len,
-    )
+    mcfg = dataclasses.replace(cfg.model, max_seq_len=cfg.seq_len)
     graphdef, block_params = nnx.split(Block(mcfg, rngs=nnx.Rngs(cfg.seed)))
-    router = 0.02 * jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.dim,))
+    router = 0.02 * jax.random.normal(jax.random.key(cfg.seed + 1), (mcfg.dim,))
     params = {"block": block_params, "router": router}
     inv_freq, factor = rope_frequencies(mcfg.head_dim, mcfg.rope_base, None)
 
@@ -82,7 +77,7 @@ def _block_fns(cfg: ModBenchConfig):
         # positions [B, n] are the tokens' original positions: RoPE sees them unchanged; the
         # gathered tokens are in position order, so index-causal is position-causal
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
-        return nnx.merge(graphdef, p)(x, cos, sin, causal_mask(x.shape[1]))
+        return nnx.merge(graphdef, p)(x, LayerInputs(cos, sin, positions, {"causal": True}))
 
     def dense(params, x, positions):
         return block_fn(params["block"], x, positions)
@@ -125,7 +120,7 @@ def run_bench(cfg: ModBenchConfig, workdir: str | None = None, resume: bool = Fa
         raise ValueError(f"capacities = {cfg.capacities} must include 0.125 (the JSON's key)")
     params, dense, routed, fwd_bwd = _block_fns(cfg)
     keys = jax.random.split(jax.random.key(cfg.seed + 2), 2)
-    shape = (cfg.batch, cfg.seq_len, cfg.dim)
+    shape = (cfg.batch, cfg.seq_len, cfg.model.dim)
     x = jax.random.normal(keys[0], shape)
     w = jax.random.normal(keys[1], shape)
     positions = jax.numpy.broadcast_to(jax.numpy.arange(cfg.seq_len), shape[:2])
@@ -218,22 +213,36 @@ language models, 2024 (https://arxiv.org/abs/2404.02258).
 
 @dataclasses.dataclass(frozen=True)
 class ModLMConfig:
-    lm: lm.LMConfig = lm.LMConfig()
-    capacity: float = 0.125
-    every: int = 2
-    router_bce_weight: float = 0.01
-    predictor_hidden: int = 64
+    """The ``lm`` recipe (the dense arm) and the routed layers of the MoD arm (``mod``)."""
+
+    lm: LMConfig = LMConfig()
+    mod: ModConfig = ModConfig(
+        router="topk", capacity=0.125, every=2, router_bce_weight=0.01, predictor_hidden=64
+    )
     timing_repeats: int = 5
 
 
-def _lm_config(preset: str) -> lm.LMConfig:
-    if preset == "smoke":
-        return lm.get_config("smoke")
-    return lm.LMConfig(
-        data=lm.DataConfig(vocab_size=2048, seq_len=256, max_bytes=1_500_000),
-        model=lm.ModelConfig(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512),
-        optim=lm.OptimConfig(learning_rate=3e-3, warmup_steps=10),
-        train=lm.TrainConfig(
+def _lm_config(preset: str) -> LMConfig:
+    if preset == "smoke":  # the lm experiment's smoke run
+        return LMConfig(
+            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
+            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+            train=TrainConfig(
+                batch_size=8,
+                steps=12,
+                log_every=1,
+                eval_every=6,
+                eval_batches=2,
+                checkpoint_every=6,
+                progress=False,
+            ),
+        )
+    return LMConfig(
+        data=DataConfig(vocab_size=2048, seq_len=256, max_bytes=1_500_000),
+        model=TransformerConfig(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=10),
+        train=TrainConfig(
             batch_size=8, steps=100, log_every=10, eval_every=0, eval_batches=8, progress=True
         ),
     )
@@ -243,9 +252,8 @@ def get_lm_config(preset: str) -> ModLMConfig:
     if preset not in ("smoke", "cpu"):
         raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
     if preset == "smoke":
-        return ModLMConfig(
-            lm=_lm_config("smoke"), capacity=0.25, predictor_hidden=16, timing_repeats=2
-        )
+        mod = dataclasses.replace(ModLMConfig.mod, capacity=0.25, predictor_hidden=16)
+        return ModLMConfig(lm=_lm_config("smoke"), mod=mod, timing_repeats=2)
     return ModLMConfig(lm=_lm_config("cpu"))
 
 
@@ -255,7 +263,7 @@ def _causal_routing_loss(graphdef, params, batch, rng):
     import optax
     from flax import nnx
 
-    from jaxeff.train.loop import LossOutput
+    from jaxeff.train.losses import LossOutput
 
     del rng
     tokens = batch["tokens"]
@@ -280,32 +288,26 @@ def run_lm(cfg: ModLMConfig, workdir: str | None = None, resume: bool = False) -
     from flax import nnx
 
     from jaxeff.data.packing import make_loader
-    from jaxeff.nn.mod import ModConfig
     from jaxeff.nn.transformer import Transformer
-    from jaxeff.train.loop import LoopConfig, evaluate, fit, make_eval_step, make_train_step
+    from jaxeff.train import recipe
+    from jaxeff.train.loop import evaluate, fit, make_eval_step, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.metrics import MetricsWriter
     from jaxeff.train.state import create_train_state
 
-    mod = ModConfig(
-        router="topk",
-        capacity=cfg.capacity,
-        every=cfg.every,
-        router_bce_weight=cfg.router_bce_weight,
-        predictor_hidden=cfg.predictor_hidden,
-    )
-    if cfg.lm.model.n_layers % cfg.every:
+    mod = cfg.mod
+    if mod.router != "topk":
+        raise ValueError(f"mod.router={mod.router!r}; mod-lm trains MoD's 'topk' router")
+    if cfg.lm.model.n_layers % mod.every:
         raise ValueError(
-            f"lm.model.n_layers={cfg.lm.model.n_layers} must divide by every={cfg.every}"
+            f"lm.model.n_layers={cfg.lm.model.n_layers} must divide by mod.every={mod.every}"
         )
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-mod-lm-")
     os.makedirs(workdir, exist_ok=True)
-    data, mcfg, dense_def, _, _, _ = lm.build(cfg.lm)
+    data = recipe.build_data(cfg.lm.data, cfg.lm.seed)
+    mcfg = cfg.lm.model_for(data.vocab_size)
     t = cfg.lm.train
-    if t.batch_size > len(data.train):
-        raise ValueError(
-            f"lm.train.batch_size={t.batch_size} exceeds the {len(data.train)} training windows"
-        )
+    recipe.check_batch_size(data, t.batch_size, "lm.train.batch_size")
     cfgs = {"dense": mcfg, "mod": dataclasses.replace(mcfg, mod=mod)}
     graphdefs, inits = {}, {}
     for name, model_cfg in cfgs.items():
@@ -317,7 +319,7 @@ def run_lm(cfg: ModLMConfig, workdir: str | None = None, resume: bool = False) -
 
     # training FLOPs per step: XLA's cost analysis of each lowered train step, with the layers
     # unrolled (the analysis counts a scan's body once, not once per layer)
-    tx_probe = lm.make_optimizer(cfg.lm.optim, t.steps)
+    tx_probe = cfg.lm.optim.build(t.steps)
     flops = {}
     for name, model_cfg in cfgs.items():
         unrolled = dataclasses.replace(model_cfg, scan_layers=False)
@@ -332,22 +334,17 @@ def run_lm(cfg: ModLMConfig, workdir: str | None = None, resume: bool = False) -
     results, records_by = {}, {}
     finals, train_steps = {}, {}
     for name in cfgs:
-        tx = lm.make_optimizer(cfg.lm.optim, steps[name])
+        tx = cfg.lm.optim.build(steps[name])
         state = create_train_state(jax.tree.map(jnp.copy, inits[name]), tx, cfg.lm.seed)
         step = train_steps[name] = make_train_step(graphdefs[name], tx, causal_lm_loss)
         eval_step = make_eval_step(graphdefs[name], causal_lm_loss)
 
         def eval_fn(params, eval_step=eval_step):
-            batches = lm.val_batches(data, t.batch_size, t.eval_batches)
+            batches = recipe.val_batches(data, t.batch_size, t.eval_batches)
             return evaluate(eval_step, params, batches)
 
-        loop = LoopConfig(
-            steps=steps[name],
-            log_every=t.log_every,
-            eval_every=0,
-            checkpoint_every=steps[name],
-            keep_checkpoints=1,
-            progress=t.progress,
+        loop = t.loop(
+            steps=steps[name], eval_every=0, checkpoint_every=steps[name], keep_checkpoints=1
         )
         loader = make_loader(data.train, t.batch_size, seed=cfg.lm.seed)
         finals[name], records_by[name] = fit(
@@ -358,7 +355,7 @@ def run_lm(cfg: ModLMConfig, workdir: str | None = None, resume: bool = False) -
     # causal decoding: the predictor decides, as in KV-cache generation
     mod_params = finals["mod"].params
     causal_eval = make_eval_step(graphdefs["mod"], _causal_routing_loss)
-    batches = list(lm.val_batches(data, t.batch_size, t.eval_batches))
+    batches = list(recipe.val_batches(data, t.batch_size, t.eval_batches))
     results["mod_causal"] = evaluate(causal_eval, mod_params, batches)["loss"]
 
     @jax.jit
@@ -406,7 +403,7 @@ def run_lm(cfg: ModLMConfig, workdir: str | None = None, resume: bool = False) -
         "steps": steps,
         "predictor_accuracy": accuracy,
         "predictor_routed_frac": routed_frac,
-        "capacity": cfg.capacity,
+        "capacity": mod.capacity,
         "params": {k: int(c.num_params()) for k, c in cfgs.items()},
         "uniform_loss": float(np.log(data.vocab_size)),
     }
@@ -489,12 +486,10 @@ Reference: Zhang et al., MoDification: Mixture of Depths Made Easy, NAACL 2025
 @dataclasses.dataclass(frozen=True)
 class ModificationConfig:
     model: str = "smollm2"  # "smollm2" or "tiny" (a random byte-level Llama, for smoke tests)
-    every: int = 2
-    p: float = 0.5
+    # the routed layers of the converted model (threshold p; p must be in (0, 1))
+    mod: ModConfig = ModConfig(router="threshold", p=0.5, every=2, keep_first=1, cache_fraction=0.3)
     target_skip: float = 0.8
     massive_factor: float = 8.0
-    keep_first: int = 1
-    cache_fraction: float = 0.3
     p_sweep: tuple[float, ...] = (0.005, 0.02, 0.1, 0.5)
     seq_len: int = 256
     corpus_bytes: int = 300_000
@@ -546,98 +541,6 @@ def _load_model(cfg: ModificationConfig):
     raise ValueError(f"model={cfg.model!r}; allowed: 'smollm2', 'tiny'")
 
 
-def _windows(docs, encode, seq_len: int, limit: int):
-    """Up to ``limit`` windows ``[n, seq_len]`` of consecutive tokens of the documents."""
-    import numpy as np
-
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(encode(doc.text))
-        if len(ids) >= limit * seq_len:
-            break
-    n = min(limit, len(ids) // seq_len)
-    if n < 1:
-        raise ValueError(f"corpus_bytes too small for one window of seq_len={seq_len}")
-    return np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
-
-
-def _layer_inputs_and_importance(model, tokens, every: int):
-    """Per routed layer (``j % every == every - 1``): its input ``x [N, D]`` (all tokens of
-    ``tokens [B, S]``) and the size of its residual update ``|f(x)_i|`` ``[N]`` in the dense
-    model."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxeff.nn.attention import causal_mask
-
-    graphdef, stacked = nnx.split(model.blocks)
-    b, s = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    cos, sin = model.rope_tables(positions)
-
-    @jax.jit
-    def layer(params, x):
-        return nnx.merge(graphdef, params)(x, cos, sin, causal_mask(s))
-
-    x = model.embed(jnp.asarray(tokens)).astype(jnp.float32)
-    inputs, importance = [], []
-    for j in range(model.cfg.n_layers):
-        y = layer(jax.tree.map(lambda a, j=j: a[j], stacked), x)
-        if j % every == every - 1:
-            flat_x = x.reshape(-1, x.shape[-1])
-            inputs.append(flat_x)
-            importance.append(jnp.linalg.norm((y - x).reshape(flat_x.shape), axis=-1))
-        x = y
-    return inputs, importance
-
-
-def router_target(x, update, cfg: ModificationConfig):
-    """Distillation target ``[N]`` in {0, 1}: the token's residual update ``|f(x)_i|`` is above
-    the layer's ``target_skip`` quantile, or the token carries a massive activation
-    (``|x_i| > massive_factor * median |x|``: attention sinks, which every other token needs as
-    a key; their relative update is tiny)."""
-    import jax.numpy as jnp
-
-    norm = jnp.linalg.norm(x, axis=-1)
-    keep = update > jnp.quantile(update, cfg.target_skip)
-    if cfg.massive_factor > 0:
-        keep = keep | (norm > cfg.massive_factor * jnp.median(norm))
-    return keep.astype(jnp.float32)
-
-
-def train_router(x, target, steps: int, lr: float, seed: int = 0):
-    """Logistic regression ``sigmoid(w . x + b)`` of ``target`` in {0, 1} (BCE, Adam, full
-    batch) on standardised features; returns ``(w [D], b)`` for the raw ``x``:
-    ``w = v / sigma``, ``b = c - sum(v mu / sigma)``."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from jaxeff.nn.mod import bce_with_logits
-
-    mu, sigma = jnp.mean(x, 0), jnp.std(x, 0) + 1e-6
-    z = (x - mu) / sigma
-    params = {"v": jnp.zeros(x.shape[1]), "c": jnp.zeros(())}
-    tx = optax.adam(lr)
-    state = tx.init(params)
-
-    def loss(p):
-        return bce_with_logits(z @ p["v"] + p["c"], target)
-
-    @jax.jit
-    def step(p, s):
-        g = jax.grad(loss)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    del seed
-    for _ in range(steps):
-        params, state = step(params, state)
-    w = params["v"] / sigma
-    return w, params["c"] - jnp.sum(params["v"] * mu / sigma)
-
-
 def run_modification(
     cfg: ModificationConfig, workdir: str | None = None, resume: bool = False
 ) -> dict:
@@ -652,52 +555,53 @@ def run_modification(
     from tqdm.auto import tqdm
 
     from jaxeff.data.corpora import load_documents, split_documents
-    from jaxeff.nn.mod import ModConfig
-    from jaxeff.nn.transformer import cache_bytes, convert_to_mod
+    from jaxeff.data.packing import token_windows
+    from jaxeff.nn.mod import dense_layer_updates, router_target, train_router
+    from jaxeff.nn.transformer import cache_bytes, convert_to_mod, forward_with_intermediates
 
     del resume
-    for p in (cfg.p, *cfg.p_sweep):
+    mod = cfg.mod
+    if mod.router != "threshold":
+        raise ValueError(f"mod.router={mod.router!r}; modification converts to 'threshold'")
+    for p in (mod.p, *cfg.p_sweep):
         if not 0.0 < p < 1.0:
-            raise ValueError(f"threshold p={p!r} must be in (0, 1) (p and p_sweep)")
+            raise ValueError(f"threshold p={p!r} must be in (0, 1) (mod.p and p_sweep)")
     if not 0.0 < cfg.target_skip < 1.0:
         raise ValueError(f"target_skip={cfg.target_skip!r} must be in (0, 1)")
     dense, encode = _load_model(cfg)
-    if dense.cfg.n_layers % cfg.every:
-        raise ValueError(f"every={cfg.every} must divide the model's {dense.cfg.n_layers} layers")
+    if dense.cfg.n_layers % mod.every:
+        raise ValueError(
+            f"mod.every={mod.every} must divide the model's {dense.cfg.n_layers} layers"
+        )
     if max(cfg.context_lengths) + cfg.decode_tokens > dense.cfg.max_seq_len:
         raise ValueError(
             f"context_lengths + decode_tokens exceed the model's {dense.cfg.max_seq_len} tokens"
         )
     docs = load_documents("prose", max_bytes=cfg.corpus_bytes)
     train_docs, val_docs = split_documents(docs, 0.3, seed=cfg.seed)
-    train = _windows(train_docs, encode, cfg.seq_len, cfg.router_windows)
-    val = _windows(val_docs, encode, cfg.seq_len, cfg.eval_windows)
+    train = token_windows(train_docs, encode, cfg.seq_len, cfg.router_windows)
+    val = token_windows(val_docs, encode, cfg.seq_len, cfg.eval_windows)
     long_len = max(cfg.context_lengths) + cfg.decode_tokens
-    text = _windows(val_docs + train_docs, encode, long_len, 1)[0]
+    text = token_windows(val_docs + train_docs, encode, long_len, 1)[0]
 
     # 1. routers: distilled from the dense model's per-token residual updates
-    mod = ModConfig(
-        router="threshold",
-        p=cfg.p,
-        every=cfg.every,
-        keep_first=cfg.keep_first,
-        cache_fraction=cfg.cache_fraction,
-    )
     model = convert_to_mod(dense, mod, seed=cfg.seed)
-    inputs, importance = _layer_inputs_and_importance(dense, train, cfg.every)
-    val_inputs, val_importance = _layer_inputs_and_importance(dense, val, cfg.every)
+    inputs, importance = dense_layer_updates(dense, train, mod.every)
+    val_inputs, val_importance = dense_layer_updates(dense, val, mod.every)
     kernels, biases, accuracies = [], [], []
     for x, u, vx, vu in tqdm(
         list(zip(inputs, importance, val_inputs, val_importance, strict=True)),
         desc="routers",
         leave=False,
     ):
-        w, b = train_router(x, router_target(x, u, cfg), cfg.router_steps, cfg.router_lr)
+        target = router_target(x, u, cfg.target_skip, cfg.massive_factor)
+        w, b = train_router(x, target, cfg.router_steps, cfg.router_lr)
         kernels.append(w)
         biases.append(b)
         # held-out: the router's decision at p=0.5 vs the held-out target
         pred = (vx @ w + b) > 0
-        accuracies.append(float(jnp.mean(pred == (router_target(vx, vu, cfg) > 0))))
+        val_target = router_target(vx, vu, cfg.target_skip, cfg.massive_factor)
+        accuracies.append(float(jnp.mean(pred == (val_target > 0))))
     # the model thresholds sigmoid(r) at p: shift the bias so p plays its role around the
     # distilled decision boundary (sigmoid(r) > p  <=>  r - logit(p) > 0 at the trained p=0.5)
     router = model.mod_blocks.router
@@ -715,12 +619,11 @@ def run_modification(
         @jax.jit
         def one(state, tokens):
             model_ = nnx.merge(graphdef, state)
-            hidden, _, info = model_._forward(tokens[:, :-1])
-            logits = model_.logits_from_hidden(hidden)
+            logits, _, _, info = forward_with_intermediates(model_, tokens[:, :-1])
             nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
             routed = jnp.float32(1.0)
             if model_.cfg.mod is not None:
-                routed = jnp.mean(info["mask"].astype(jnp.float32))
+                routed = jnp.mean(info["mod_mask"].astype(jnp.float32))
             return jnp.mean(nll), routed
 
         def evaluate(state, windows):
@@ -739,9 +642,9 @@ def run_modification(
     sweep_eval = eval_fn(nnx.graphdef(sweep_model))
     p_sweep = {}
     for p in tqdm(cfg.p_sweep, desc="p sweep", leave=False):
-        # threshold p on the same compiled model: sigmoid(r) > p <=> r + logit(cfg.p) - logit(p)
-        # > logit(cfg.p)
-        shift = math.log(cfg.p / (1 - cfg.p)) - math.log(p / (1 - p))
+        # threshold p on the same compiled model: sigmoid(r) > p <=> r + logit(mod.p) - logit(p)
+        # > logit(mod.p)
+        shift = math.log(mod.p / (1 - mod.p)) - math.log(p / (1 - p))
         sweep_model.mod_blocks.router.bias[...] = base_bias + shift
         ppl, routed = sweep_eval(nnx.state(sweep_model), val)
         p_sweep[str(p)] = {"skip_frac": 1.0 - routed, "ppl": ppl}
@@ -756,23 +659,22 @@ def run_modification(
         row = {}
         prefills, decoders, caches = {}, {}, {}
         for name, m in models.items():
-            gd, st = graphdefs[name], params[name]
-            layers = m.unstack_layers()
+            gd = graphdefs[name]
+            # one-token steps run the per-layer copy (as `Generator` decodes)
+            step_def, step_state = nnx.split(m.unstacked())
             caches[name] = m.init_cache(1, cache_len)
             row[f"kv_bytes_{name}"] = cache_bytes(caches[name])
 
             def prefill(st, cache, tokens, gd=gd):
                 pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-                return nnx.merge(gd, st).forward_cached(tokens, pos, cache, 0)
+                return nnx.merge(gd, st)(tokens, pos, cache=cache)
 
             prefills[name] = jax.jit(prefill)
             step = jax.jit(
-                lambda st, layers, cache, tok, pos, off, gd=gd: nnx.merge(gd, st).forward_cached(
-                    tok, pos, cache, off, layers
-                ),
-                donate_argnums=(2,),
+                lambda st, cache, tok, pos, gd=step_def: nnx.merge(gd, st)(tok, pos, cache=cache),
+                donate_argnums=(1,),
             )
-            decoders[name] = (step, layers)
+            decoders[name] = (step, step_state)
         times = {f"{kind}_{name}": [] for kind in ("prefill", "decode") for name in models}
         for rep in range(cfg.repeats + 1):  # the first round compiles and warms up
             for name in models:
@@ -780,11 +682,11 @@ def run_modification(
                 start = time.perf_counter()
                 _, cache = jax.block_until_ready(prefills[name](st, caches[name], prompt))
                 prefill_s = time.perf_counter() - start
-                step, layers = decoders[name]
+                step, step_state = decoders[name]
                 start = time.perf_counter()
                 for i in range(cfg.decode_tokens):
                     pos = jnp.full((1, 1), length + i, jnp.int32)
-                    _, cache = step(st, layers, cache, follow[:, i : i + 1], pos, length + i)
+                    _, cache = step(step_state, cache, follow[:, i : i + 1], pos)
                 jax.block_until_ready(cache)
                 decode_s = (time.perf_counter() - start) / cfg.decode_tokens
                 if rep:
@@ -806,8 +708,8 @@ def run_modification(
         "prefill_latency_ratio": longest["prefill_latency_ratio"],
         "ppl_ratio": ppl_mod / ppl_dense,
         "router_accuracy": float(np.mean(accuracies)),
-        "p": cfg.p,
-        "cache_fraction": cfg.cache_fraction,
+        "p": mod.p,
+        "cache_fraction": mod.cache_fraction,
         "routed_layers": model.cfg.n_mod_layers,
         "by_context": by_context,
         "p_sweep": p_sweep,

@@ -78,40 +78,31 @@ import os
 import sys
 
 from jaxeff.experiment import Experiment
-from jaxeff.experiments import lm
+from jaxeff.nn.config import MoEConfig, TransformerConfig
+from jaxeff.train.recipe import DataConfig, OptimConfig, TrainConfig
 
 DROPOUT_SETTINGS = ("0.0", "0.1", "0.3", "mid_0.1")
 MODELS = ("moe", "dense")
 
-
-@dataclasses.dataclass(frozen=True)
-class MoEParams:
-    num_experts: int = 8
-    top_k: int = 2
-    expert_dim: int = 128
-    every: int = 2
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    capacity_convention: str = "flaxformer"
-    implementation: str = "einsum"
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchConfig:
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_dim: int = 256  # the MoE model's dense FFNs (and its residual FFN)
-    moe: MoEParams = MoEParams()
+# the MoE model: residual top-2 of 8 SwiGLU experts every 2nd layer; its dense FFNs (and the
+# residual FFN) are ffn_dim wide. The dense arm widens ffn_dim to the same active parameters.
+OPENMOE_MODEL = TransformerConfig(
+    dim=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    ffn_dim=256,
+    moe=MoEConfig(num_experts=8, top_k=2, expert_dim=128, every=2),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class OpenMoEConfig:
     seed: int = 0
-    data: lm.DataConfig = lm.DataConfig(vocab_size=2048, seq_len=128, max_bytes=1_500_000)
-    arch: ArchConfig = ArchConfig()
-    optim: lm.OptimConfig = lm.OptimConfig(learning_rate=3e-3, warmup_steps=20)
-    train: lm.TrainConfig = lm.TrainConfig(
+    data: DataConfig = DataConfig(vocab_size=2048, seq_len=128, max_bytes=1_500_000)
+    model: TransformerConfig = OPENMOE_MODEL
+    optim: OptimConfig = OptimConfig(learning_rate=3e-3, warmup_steps=20)
+    train: TrainConfig = TrainConfig(
         batch_size=16, steps=320, log_every=10, eval_every=40, eval_batches=16, progress=True
     )
     analysis_windows: int = 64
@@ -121,14 +112,17 @@ class OpenMoEConfig:
 @dataclasses.dataclass(frozen=True)
 class TokenCrisisConfig:
     seed: int = 0
-    data: lm.DataConfig = lm.DataConfig(vocab_size=1024, seq_len=64, max_bytes=1_500_000)
-    arch: ArchConfig = ArchConfig(
-        dim=96, n_layers=2, n_heads=4, ffn_dim=192, moe=MoEParams(expert_dim=96)
+    data: DataConfig = DataConfig(vocab_size=1024, seq_len=64, max_bytes=1_500_000)
+    model: TransformerConfig = dataclasses.replace(
+        OPENMOE_MODEL,
+        dim=96,
+        n_layers=2,
+        ffn_dim=192,
+        moe=dataclasses.replace(OPENMOE_MODEL.moe, expert_dim=96),
     )
     steps: int = 256
     batch_size: int = 16
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
+    optim: OptimConfig = OptimConfig(learning_rate=3e-3, warmup_steps=20)
     repeats_log2: tuple[int, ...] = (0, 1, 2, 3, 4)
     dropouts: tuple[str, ...] = DROPOUT_SETTINGS
     models: tuple[str, ...] = MODELS
@@ -153,15 +147,16 @@ class BenchConfig:
 def get_openmoe_config(preset: str) -> OpenMoEConfig:
     if preset == "smoke":
         return OpenMoEConfig(
-            data=lm.DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
-            arch=ArchConfig(
+            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
+            model=TransformerConfig(
                 dim=32,
                 n_layers=2,
                 n_heads=2,
+                n_kv_heads=2,
                 ffn_dim=64,
-                moe=MoEParams(num_experts=4, expert_dim=32),
+                moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, every=2),
             ),
-            train=lm.TrainConfig(
+            train=TrainConfig(
                 batch_size=8,
                 steps=16,
                 log_every=4,
@@ -180,13 +175,14 @@ def get_openmoe_config(preset: str) -> OpenMoEConfig:
 def get_token_crisis_config(preset: str) -> TokenCrisisConfig:
     if preset == "smoke":
         return TokenCrisisConfig(
-            data=lm.DataConfig(corpora=("prose",), vocab_size=512, seq_len=16, max_bytes=120_000),
-            arch=ArchConfig(
+            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=16, max_bytes=120_000),
+            model=TransformerConfig(
                 dim=16,
                 n_layers=2,
                 n_heads=2,
+                n_kv_heads=2,
                 ffn_dim=32,
-                moe=MoEParams(num_experts=4, expert_dim=16),
+                moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16, every=2),
             ),
             steps=8,
             batch_size=4,
@@ -214,54 +210,21 @@ def get_bench_config(preset: str) -> BenchConfig:
 # models
 
 
-def moe_config(arch: ArchConfig):
-    from jaxeff.nn.moe import MoEConfig
-
-    m = arch.moe
-    return MoEConfig(
-        num_experts=m.num_experts,
-        top_k=m.top_k,
-        expert_dim=m.expert_dim,
-        every=m.every,
-        capacity_factor=m.capacity_factor,
-        eval_capacity_factor=m.eval_capacity_factor,
-        capacity_convention=m.capacity_convention,
-        implementation=m.implementation,
-    )
-
-
-def model_configs(arch: ArchConfig, vocab_size: int, seq_len: int, dropout: float = 0.0):
-    """``{"moe": ..., "dense": ...}`` TransformerConfigs; the dense FFN width gives the dense
+def arm_configs(model: TransformerConfig, vocab_size: int, seq_len: int, dropout=None):
+    """``{"moe": ..., "dense": ...}`` TransformerConfigs of ``model`` (which must have ``moe``)
+    for the data, with ``dropout`` (None: the model's); the dense FFN width gives the dense
     model the MoE model's active parameter count (to within one FFN column per layer)."""
-    from jaxeff.nn.transformer import TransformerConfig
+    from jaxeff.train.recipe import model_for_data
 
-    base = TransformerConfig(
-        vocab_size=vocab_size,
-        dim=arch.dim,
-        n_layers=arch.n_layers,
-        n_heads=arch.n_heads,
-        n_kv_heads=arch.n_heads,
-        ffn_dim=arch.ffn_dim,
-        max_seq_len=seq_len,
-        dropout=dropout,
-    )
-    moe_cfg = dataclasses.replace(base, moe=moe_config(arch))
+    if model.moe is None:
+        raise ValueError("model.moe is None: the MoE arm needs one (e.g. --set model.moe.every=2)")
+    moe_cfg = model_for_data(model, vocab_size, seq_len)
+    if dropout is not None:
+        moe_cfg = dataclasses.replace(moe_cfg, dropout=dropout)
+    base = dataclasses.replace(moe_cfg, moe=None)
     extra = moe_cfg.num_params(active=True) - base.num_params()
-    dense_ffn = arch.ffn_dim + round(extra / (3 * arch.dim * arch.n_layers))
+    dense_ffn = model.ffn_dim + round(extra / (3 * model.dim * model.n_layers))
     return {"moe": moe_cfg, "dense": dataclasses.replace(base, ffn_dim=dense_ffn)}
-
-
-def init_model(mcfg, seed: int):
-    """``(graphdef, params)`` of a Transformer, initialised under one ``jit`` (eager
-    initialisation compiles one small program per parameter shape)."""
-    import jax
-    from flax import nnx
-
-    from jaxeff.nn.transformer import Transformer
-
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda: nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=seed)))[1])()
-    return graphdef, params
 
 
 def _log(msg: str) -> None:
@@ -355,9 +318,10 @@ def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = F
     import numpy as np
 
     from jaxeff import config as config_lib
-    from jaxeff.data.packing import build_lm_data, make_loader
+    from jaxeff.data.packing import make_loader
     from jaxeff.evals import moe_routing as mr
-    from jaxeff.train.loop import LoopConfig, evaluate, fit, make_eval_step, make_train_step
+    from jaxeff.train import recipe
+    from jaxeff.train.loop import evaluate, fit, make_eval_step, make_train_step
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.metrics import MetricsWriter
     from jaxeff.train.state import create_train_state
@@ -367,39 +331,21 @@ def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = F
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-openmoe-")
     os.makedirs(workdir, exist_ok=True)
     d, t = cfg.data, cfg.train
-    data = build_lm_data(
-        corpora=d.corpora,
-        silos=d.silos,
-        vocab_size=d.vocab_size,
-        seq_len=d.seq_len,
-        max_bytes=d.max_bytes,
-        val_fraction=d.val_fraction,
-        seed=cfg.seed,
-    )
-    if t.batch_size > len(data.train):
-        raise ValueError(
-            f"train.batch_size={t.batch_size} exceeds the {len(data.train)} training windows"
-        )
+    data = recipe.build_data(d, cfg.seed)
+    recipe.check_batch_size(data, t.batch_size)
     n_windows = min(cfg.analysis_windows, len(data.val))
     if n_windows < 2:
         raise ValueError("openmoe: need at least 2 validation windows; raise data.max_bytes")
     analysis = np.stack([data.val[i]["tokens"][:-1] for i in range(n_windows)])
     instruct = instruction_windows(data, n_windows, d.seq_len)[:, :-1]
-    configs = model_configs(cfg.arch, data.vocab_size, d.seq_len)
+    configs = arm_configs(cfg.model, data.vocab_size, d.seq_len)
     e = configs["moe"].moe.num_experts
-    loop = LoopConfig(
-        steps=t.steps,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints,
-        progress=t.progress,
-    )
+    loop = t.loop()
     results, curves, snapshots = {}, {}, []
     for name in MODELS:
         mcfg = configs[name]
-        graphdef, params = init_model(mcfg, cfg.seed)
-        tx = lm.make_optimizer(cfg.optim, t.steps)
+        graphdef, params = recipe.init_model(mcfg, cfg.seed)
+        tx = cfg.optim.build(t.steps)
         state = create_train_state(params, tx, cfg.seed)
         eval_step = make_eval_step(graphdef, causal_lm_loss)
         if name == "moe":
@@ -410,7 +356,7 @@ def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = F
         def eval_fn(p, eval_step=eval_step, routing=routing):
             if routing is not None:
                 snapshots.append(routing(p, analysis)["expert_index"])
-            return evaluate(eval_step, p, lm.val_batches(data, t.batch_size, t.eval_batches))
+            return evaluate(eval_step, p, recipe.val_batches(data, t.batch_size, t.eval_batches))
 
         init_val = eval_fn(params)
         step = make_train_step(graphdef, tx, causal_lm_loss)
@@ -605,8 +551,8 @@ def run_token_crisis(
     import numpy as np
     from flax import nnx
 
-    from jaxeff.data.packing import build_lm_data
     from jaxeff.nn.transformer import Transformer
+    from jaxeff.train import recipe
     from jaxeff.train.loop import evaluate, make_eval_step, make_train_step, progress
     from jaxeff.train.losses import causal_lm_loss
     from jaxeff.train.metrics import MetricsWriter
@@ -622,14 +568,7 @@ def run_token_crisis(
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-token-crisis-")
     os.makedirs(workdir, exist_ok=True)
     d = cfg.data
-    data = build_lm_data(
-        corpora=d.corpora,
-        vocab_size=d.vocab_size,
-        seq_len=d.seq_len,
-        max_bytes=d.max_bytes,
-        val_fraction=d.val_fraction,
-        seed=cfg.seed,
-    )
+    data = recipe.build_data(d, cfg.seed)
     total = cfg.steps * cfg.batch_size
     if total > len(data.train):
         raise ValueError(
@@ -641,10 +580,9 @@ def run_token_crisis(
     train_tokens = data.train.tokens
     # nested random subsets: the unique set of j+1 is half of that of j, from every document
     pool = np.random.default_rng(cfg.seed).permutation(len(train_tokens))
-    val = list(lm.val_batches(data, cfg.batch_size, cfg.eval_batches))
+    val = list(recipe.val_batches(data, cfg.batch_size, cfg.eval_batches))
     rates = sorted({r for s in schedules.values() for _, r in s})
-    optim = lm.OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps)
-    tx = lm.make_optimizer(optim, cfg.steps)
+    tx = cfg.optim.build(cfg.steps)
 
     val_loss: dict = {m: {f"j={j}": {} for j in cfg.repeats_log2} for m in cfg.models}
     n_cells = len(cfg.models) * len(cfg.repeats_log2) * len(schedules)
@@ -653,11 +591,11 @@ def run_token_crisis(
     try:
         for model in cfg.models:
             by_rate = {
-                r: model_configs(cfg.arch, data.vocab_size, d.seq_len, dropout=r)[model]
+                r: arm_configs(cfg.model, data.vocab_size, d.seq_len, dropout=r)[model]
                 for r in rates
             }
             # dropout changes the graph only: one set of initial weights for every rate
-            _, init = init_model(by_rate[rates[0]], cfg.seed)
+            _, init = recipe.init_model(by_rate[rates[0]], cfg.seed)
             graphdefs = {
                 r: nnx.split(nnx.eval_shape(lambda c=c: Transformer(c, rngs=nnx.Rngs(0))))[0]
                 for r, c in by_rate.items()
@@ -705,7 +643,7 @@ def run_token_crisis(
     }
     summary["token_budget"] = total * d.seq_len
     summary["params"] = {
-        m: model_configs(cfg.arch, data.vocab_size, d.seq_len)[m].num_params(active=True)
+        m: arm_configs(cfg.model, data.vocab_size, d.seq_len)[m].num_params(active=True)
         for m in cfg.models
     }
     _plot_token_crisis(val_loss, cfg.repeats_log2, os.path.join(workdir, "token_crisis.png"))

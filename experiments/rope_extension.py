@@ -62,7 +62,8 @@ import os
 import sys
 
 from jaxeff.experiment import Experiment
-from jaxeff.experiments.lm import OptimConfig, TrainConfig
+from jaxeff.nn.config import TransformerConfig
+from jaxeff.train.recipe import OptimConfig, TrainConfig
 
 _METHODS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
 
@@ -78,16 +79,6 @@ class DataConfig:
     n_digits: int = 5
     answer_weight: float = 5.0  # loss weight of the passkey answer tokens (others: 1)
     repeat_fraction: float = 0.25  # of the LM windows: a real-text segment repeated (copy data)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    ffn_dim: int = 352
-    rope_base: float = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +120,10 @@ class SmolLM2Config:
 class RopeExtConfig:
     seed: int = 0
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    # vocab_size and max_seq_len come from the data (data.vocab_size, data.train_len)
+    model: TransformerConfig = TransformerConfig(
+        dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=352
+    )
     optim: OptimConfig = OptimConfig(learning_rate=1e-3, warmup_steps=20)
     train: TrainConfig = TrainConfig(
         batch_size=16, steps=1200, log_every=20, eval_every=0, checkpoint_every=200
@@ -145,7 +139,7 @@ def get_config(preset: str) -> RopeExtConfig:
             data=DataConfig(
                 corpora=("prose",), vocab_size=512, train_len=64, max_bytes=150_000, n_digits=3
             ),
-            model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
             optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
             train=TrainConfig(
                 batch_size=8,
@@ -204,33 +198,8 @@ def check_config(cfg: RopeExtConfig) -> None:
         raise ValueError(f"data.passkey_fraction={cfg.data.passkey_fraction}; allowed: [0, 1)")
 
 
-# ---------------------------------------------------------------------------------------------
-# Models with a RoPE extension
-
-
-def rope_scaling(method: str, length: int, original_len: int, dynamic_factor: float = 2.0):
-    """The `RopeScaling` of ``method`` for sequences of ``length`` (None for ``none``)."""
-    from jaxeff.nn.rope import RopeScaling
-
-    if method == "none":
-        return None
-    if method == "dynamic_ntk":
-        return RopeScaling("dynamic_ntk", float(dynamic_factor), original_max_len=original_len)
-    factor = max(1.0, length / original_len)
-    return RopeScaling(method, factor, original_max_len=original_len)
-
-
-def with_rope_scaling(model, scaling, max_seq_len: int | None = None):
-    """The same parameters under another RoPE scaling (a new graph, no copy of the weights)."""
-    from flax import nnx
-
-    from jaxeff.nn.transformer import Transformer
-
-    cfg = dataclasses.replace(
-        model.cfg, rope_scaling=scaling, max_seq_len=max_seq_len or model.cfg.max_seq_len
-    )
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+# Models with a RoPE extension: `jaxeff.nn.rope.rope_scaling_for` picks the RopeScaling of a
+# method and length, `jaxeff.nn.rope.with_rope_scaling` puts a model's weights under it.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,30 +268,6 @@ def build_data(cfg: RopeExtConfig) -> _Data:
         vocab_size=lm_data.vocab_size,
         unigram_ppl=lm_data.unigram_ppl,
     )
-
-
-class WeightedWindows:
-    """A grain source of training windows ``{"tokens": [L], "loss_mask": [L]}``: the loss mask
-    (per-token weights in `causal_lm_loss`) is ``answer_weight`` on passkey answers, else 1."""
-
-    def __init__(self, tokens, answer_mask, answer_weight: float):
-        import hashlib
-
-        import numpy as np
-
-        self._tokens = np.ascontiguousarray(tokens, np.int32)
-        self._mask = np.where(answer_mask, np.float32(answer_weight), np.float32(1.0))
-        digest = hashlib.sha1(self._tokens.tobytes() + self._mask.tobytes()).hexdigest()[:16]
-        self._repr = f"WeightedWindows(shape={self._tokens.shape}, sha1={digest})"
-
-    def __len__(self) -> int:
-        return self._tokens.shape[0]
-
-    def __getitem__(self, index: int) -> dict:
-        return {"tokens": self._tokens[index], "loss_mask": self._mask[index]}
-
-    def __repr__(self) -> str:
-        return self._repr
 
 
 def val_windows(data: _Data, length: int, n_tokens: int):
@@ -431,7 +376,7 @@ def _train(
     from flax import nnx
 
     from jaxeff.data.packing import make_loader
-    from jaxeff.experiments.lm import make_optimizer
+    from jaxeff.data.passkey import WeightedWindows
     from jaxeff.nn.transformer import Transformer
     from jaxeff.train.loop import fit, make_train_step
     from jaxeff.train.losses import causal_lm_loss
@@ -440,7 +385,7 @@ def _train(
     source = WeightedWindows(windows.tokens, windows.answer_mask, cfg.data.answer_weight)
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
-    tx = make_optimizer(optim, loop.steps)
+    tx = optim.build(loop.steps)
     state = create_train_state(params, tx, cfg.seed)
     train_step = make_train_step(graphdef, tx, causal_lm_loss)
     batch = meta["batch_size"]
@@ -458,29 +403,18 @@ def _pretrain(cfg: RopeExtConfig, data: _Data, workdir: str, resume: bool):
     from flax import nnx
 
     from jaxeff import config as config_lib
-    from jaxeff.nn.transformer import Transformer, TransformerConfig
-    from jaxeff.train.loop import LoopConfig
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.recipe import model_for_data
 
-    m, t = cfg.model, cfg.train
-    model_cfg = TransformerConfig(
-        vocab_size=data.vocab_size,
-        dim=m.dim,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads,
-        ffn_dim=m.ffn_dim,
-        max_seq_len=cfg.data.train_len,
-        rope_base=m.rope_base,
+    t = cfg.train
+    model_cfg = model_for_data(
+        cfg.model, data.vocab_size, cfg.data.train_len, requested_vocab=cfg.data.vocab_size
     )
+    if model_cfg.rope_scaling is not None:
+        raise ValueError("model.rope_scaling must be None: pre-training uses plain RoPE")
     params = nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(params=cfg.seed)))
-    loop = LoopConfig(
-        steps=t.steps,
-        log_every=t.log_every,
-        eval_every=0,  # validation: below, on the windows the extension evaluation uses
-        checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints,
-        progress=t.progress,
-    )
+    # validation: after training, on the windows the extension evaluation uses
+    loop = t.loop(eval_every=0)
     meta = {"config": config_lib.to_dict(cfg), "batch_size": t.batch_size, "phase": "pretrain"}
     model, records = _train(
         cfg, model_cfg, params, data.train_windows, workdir, loop, cfg.optim, resume, meta
@@ -495,10 +429,11 @@ def _continual(cfg: RopeExtConfig, data: _Data, model, workdir: str, resume: boo
     from jaxeff import config as config_lib
     from jaxeff.data import passkey
     from jaxeff.data.packing import pack_sequences
+    from jaxeff.nn.rope import rope_scaling_for, with_rope_scaling
     from jaxeff.train.loop import LoopConfig
 
     c = cfg.continual
-    scaling = rope_scaling(c.method, c.length, cfg.data.train_len, cfg.eval.dynamic_factor)
+    scaling = rope_scaling_for(c.method, c.length, cfg.data.train_len, cfg.eval.dynamic_factor)
     scaled = with_rope_scaling(model, scaling, c.length)
     windows = pack_sequences(data.train_arrays, c.length, data.eos_id)
     needed = max(c.batch_size, int(c.steps * c.batch_size * (1 - c.passkey_fraction)) + 1)
@@ -543,6 +478,7 @@ def evaluate_smollm2(cfg: SmolLM2Config, seed: int, n_digits: int, progress: boo
     from jaxeff.data import passkey
     from jaxeff.evals.attention_entropy import entropy_forward, logits_at
     from jaxeff.llm.gguf import load_gguf  # lazily: heavy, and owned by the SmolLM2 issue
+    from jaxeff.nn.rope import rope_scaling_for, with_rope_scaling
 
     model, tokenizer, _ = load_gguf(cfg.path)
     context = int(model.cfg.max_seq_len)
@@ -559,7 +495,7 @@ def evaluate_smollm2(cfg: SmolLM2Config, seed: int, n_digits: int, progress: boo
     )
     outcomes = []  # (retrieved, answer-query entropy) of every item
     for method, length in cells:
-        scaled = with_rope_scaling(model, rope_scaling(method, length, context), length)
+        scaled = with_rope_scaling(model, rope_scaling_for(method, length, context), length)
         items = passkey.passkey_eval_set(
             tokenizer, filler, length, cfg.passkey_items, seed, template
         )
@@ -765,6 +701,7 @@ def run(cfg: RopeExtConfig, workdir: str | None = None, resume: bool = False) ->
     from tqdm.auto import tqdm
 
     from jaxeff.data import passkey
+    from jaxeff.nn.rope import rope_scaling_for, with_rope_scaling
 
     check_config(cfg)
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-rope-extension-")
@@ -781,7 +718,7 @@ def run(cfg: RopeExtConfig, workdir: str | None = None, resume: bool = False) ->
     def cell(method: str, length: int, mdl=None) -> dict:
         key = (method, length, mdl is not None)
         if key not in cache:
-            scaling = rope_scaling(method, length, l0, e.dynamic_factor)
+            scaling = rope_scaling_for(method, length, l0, e.dynamic_factor)
             scaled = with_rope_scaling(mdl or model, scaling, length)
             items = passkey.passkey_eval_set(
                 data.tokenizer, data.val_filler, length, e.passkey_items, cfg.seed, template

@@ -3,7 +3,7 @@
 ``compose``: one decoder run that stacks methods owned by different issues, on the ``lm`` data
 (CPython's prose), sharded over a named mesh:
 
-* ``moe``: OpenMoE layers (`jaxeff.nn.moe`, residual top-2 MoE every ``moe_every`` layers;
+* ``moe``: OpenMoE layers (`jaxeff.nn.moe`, residual top-2 MoE every ``model.moe.every`` layers;
   off: the dense decoder of the same width);
 * ``sam``: SAM (`jaxeff.optim.sam`, Foret et al.) around the base optimizer (off: the base alone);
 * ``came``: CAME (`jaxeff.optim.came`, Luo et al.) as the base optimizer (off: AdamW);
@@ -53,6 +53,7 @@ import dataclasses
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.nn.config import MoEConfig, TransformerConfig
 from jaxeff.parallel.mesh_config import MeshConfig
 
 PARTS = ("moe", "sam", "came", "infobatch", "mesh")
@@ -68,14 +69,16 @@ class ComposeConfig:
     seq_len: int = 64
     max_bytes: int = 400_000
     max_train_windows: int = 0  # 0: all; else the first N training windows
-    # model
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_dim: int = 256
-    num_experts: int = 4
-    expert_dim: int = 256
-    moe_every: int = 2
+    # the decoder with every part on: its ``moe`` layers are the ``moe`` part (off: moe None);
+    # vocab_size and max_seq_len come from the data (vocab_size, seq_len above)
+    model: TransformerConfig = TransformerConfig(
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_dim=256,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=256, every=2),
+    )
     # optimizers
     learning_rate: float = 3e-3  # AdamW; CAME takes came_learning_rate
     came_learning_rate: float = 1e-3
@@ -98,10 +101,9 @@ class BenchConfig:
     vocab_size: int = 1024
     seq_len: int = 128
     max_bytes: int = 200_000
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    ffn_dim: int = 704
+    model: TransformerConfig = TransformerConfig(
+        dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=704
+    )
     batch_size: int = 16
     device_counts: tuple[int, ...] = (1, 2, 4, 8)
     modes: tuple[str, ...] = ("data", "fsdp")
@@ -119,12 +121,14 @@ def get_compose_config(preset: str) -> ComposeConfig:
             # one device: the smoke test runs every arm in-process; the notebook and the cpu
             # preset train compose on meshes, tests/parallel check meshes against one device
             mesh=MeshConfig(),
-            dim=32,
-            n_layers=2,
-            n_heads=2,
-            ffn_dim=64,
-            num_experts=4,
-            expert_dim=32,
+            model=TransformerConfig(
+                dim=32,
+                n_layers=2,
+                n_heads=2,
+                n_kv_heads=2,
+                ffn_dim=64,
+                moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, every=2),
+            ),
             epochs=2,
             batch_size=8,
             eval_batches=2,
@@ -141,10 +145,7 @@ def get_bench_config(preset: str) -> BenchConfig:
             vocab_size=512,
             seq_len=16,
             max_bytes=120_000,
-            dim=32,
-            n_layers=1,
-            n_heads=2,
-            ffn_dim=64,
+            model=TransformerConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64),
             batch_size=8,
             device_counts=(1, 8),
             repeats=1,
@@ -197,8 +198,7 @@ def make_optimizer(cfg: ComposeConfig, parts: tuple[str, ...]):
     that the loop sets per epoch (the same schedule for every arm)."""
     import optax
 
-    from jaxeff.optim.came import came
-    from jaxeff.optim.sam import sam
+    from jaxeff.optim import came, sam
 
     def factory(learning_rate):
         if "came" in parts:
@@ -211,25 +211,16 @@ def make_optimizer(cfg: ComposeConfig, parts: tuple[str, ...]):
     return optax.inject_hyperparams(factory)(learning_rate=lr), lr
 
 
-def model_config(cfg: ComposeConfig, vocab_size: int, parts: tuple[str, ...]):
-    from jaxeff.nn.moe import MoEConfig
-    from jaxeff.nn.transformer import TransformerConfig
+def arm_model(cfg: ComposeConfig, vocab_size: int, parts: tuple[str, ...]):
+    """``cfg.model`` for the data, without its MoE layers when ``moe`` is off."""
+    from jaxeff.train.recipe import model_for_data
 
-    moe = None
-    if "moe" in parts:
-        moe = MoEConfig(
-            num_experts=cfg.num_experts, top_k=2, expert_dim=cfg.expert_dim, every=cfg.moe_every
-        )
-    return TransformerConfig(
-        vocab_size=vocab_size,
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_heads,
-        ffn_dim=cfg.ffn_dim,
-        max_seq_len=cfg.seq_len,
-        moe=moe,
+    if "moe" in parts and cfg.model.moe is None:
+        raise ValueError("parts has 'moe' but model.moe is None; set model.moe or drop the part")
+    mcfg = model_for_data(
+        cfg.model, vocab_size, cfg.seq_len, requested_vocab=cfg.vocab_size, vocab_knob="vocab_size"
     )
+    return mcfg if "moe" in parts else dataclasses.replace(mcfg, moe=None)
 
 
 def epoch_lr(base: float, epoch: int, epochs: int) -> float:
@@ -248,19 +239,19 @@ def train_arm(cfg: ComposeConfig, parts: tuple[str, ...], data, bar=None) -> dic
     from flax import nnx
 
     from jaxeff.data.infobatch import InfoBatch, InfoBatchDataset, with_per_sample_loss
-    from jaxeff.experiments import lm
     from jaxeff.nn.transformer import Transformer, param_logical_axes
     from jaxeff.parallel import mesh as mesh_lib
     from jaxeff.train.loop import evaluate, make_eval_step, make_train_step
     from jaxeff.train.losses import causal_lm_loss
+    from jaxeff.train.recipe import place, val_batches
     from jaxeff.train.state import create_train_state
 
-    mcfg = model_config(cfg, data.vocab_size, parts)
+    mcfg = arm_model(cfg, data.vocab_size, parts)
     graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=cfg.seed)))
     tx, base_lr = make_optimizer(cfg, parts)
     state = create_train_state(params, tx, cfg.seed)
     mesh_cfg = cfg.mesh if "mesh" in parts else MeshConfig()
-    state, where = lm.place(mesh_cfg, state, param_logical_axes(params), cfg.batch_size, 1)
+    state, where = place(mesh_cfg, state, param_logical_axes(params), cfg.batch_size, 1)
     example = {
         "tokens": np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32),
         "weights": np.zeros((cfg.batch_size,), np.float32),
@@ -300,7 +291,7 @@ def train_arm(cfg: ComposeConfig, parts: tuple[str, ...], data, bar=None) -> dic
     wall = time.perf_counter() - start
 
     def eval_batches():
-        for b in lm.val_batches(data, cfg.batch_size, cfg.eval_batches):
+        for b in val_batches(data, cfg.batch_size, cfg.eval_batches):
             if where.mesh is not None:
                 b = mesh_lib.global_from_replicated(b, eval_shardings.batch)
             yield b
@@ -431,24 +422,23 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
 
     from jaxeff.bench import interleaved_median_times
     from jaxeff.data.packing import build_lm_data, make_loader
-    from jaxeff.nn.transformer import Transformer, TransformerConfig, param_logical_axes
+    from jaxeff.nn.transformer import Transformer, param_logical_axes
     from jaxeff.parallel import mesh as mesh_lib
     from jaxeff.train.loop import StepShardings, make_train_step
     from jaxeff.train.losses import causal_lm_loss
+    from jaxeff.train.recipe import model_for_data
     from jaxeff.train.state import create_train_state, train_state_shardings
 
     data = build_lm_data(("prose",), None, cfg.vocab_size, cfg.seq_len, cfg.max_bytes, 0.05, 0)
     batch = {
         k: np.asarray(v) for k, v in next(iter(make_loader(data.train, cfg.batch_size, 0))).items()
     }
-    mcfg = TransformerConfig(
-        vocab_size=data.vocab_size,
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_heads,
-        ffn_dim=cfg.ffn_dim,
-        max_seq_len=cfg.seq_len,
+    mcfg = model_for_data(
+        cfg.model,
+        data.vocab_size,
+        cfg.seq_len,
+        requested_vocab=cfg.vocab_size,
+        vocab_knob="vocab_size",
     )
     graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=cfg.seed)))
     tx = optax.adamw(1e-3)

@@ -273,6 +273,9 @@ def train_on_devices(cfg: TrainConfig) -> dict:
 
     from jaxeff.nn.video import VideoDenoiser, VideoDenoiserConfig, denoising_loss
     from jaxeff.parallel import sequence as sq
+    from jaxeff.train.loop import StepShardings, make_train_step
+    from jaxeff.train.losses import LossOutput
+    from jaxeff.train.state import create_train_state
 
     mcfg = VideoDenoiserConfig(
         frames=cfg.frames,
@@ -302,15 +305,26 @@ def train_on_devices(cfg: TrainConfig) -> dict:
     def loss_fn(state, clips, key, block_fn):
         return denoising_loss(nnx.merge(graphdef, state), clips, key, block_fn=block_fn)
 
-    def make_step(block_fn, sharding):
+    def step_loss(block_fn):
+        """The train-step loss (`jaxeff.train.loop`): the noise key of a step comes with its
+        batch, so both runs draw the same noise."""
+
+        def loss(graphdef_, params, batch, rng):
+            del graphdef_, rng
+            value = loss_fn(params, batch["clips"], batch["key"], block_fn)
+            return LossOutput(value[None], {}, {})
+
+        return loss
+
+    def make_step(block_fn, sharding, state):
         # the DSP run keeps parameters and optimizer state replicated over the mesh, so every
         # step sees the same input shardings (one compile)
-        def step(state, opt_state, clips, key):
-            loss, grads = jax.value_and_grad(loss_fn)(state, clips, key, block_fn)
-            updates, opt_state = tx.update(grads, opt_state, state)
-            return optax.apply_updates(state, updates), opt_state, loss
-
-        return jax.jit(step, out_shardings=sharding)
+        shardings = None
+        if sharding is not None:
+            shardings = StepShardings(
+                jax.tree.map(lambda _: sharding, state), {"clips": sharding, "key": sharding}
+            )
+        return make_train_step(graphdef, tx, step_loss(block_fn), shardings=shardings, donate=False)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
     placement = {"single": None, "dsp": replicated}
@@ -324,24 +338,24 @@ def train_on_devices(cfg: TrainConfig) -> dict:
     order = [rng.choice(cfg.clips, cfg.batch, replace=False) for _ in range(cfg.steps)]
     results = {}
     for name, block_fn in blocks.items():
-        state, opt_state = init, tx.init(init)
+        state = create_train_state(init, tx, cfg.seed)
         if placement[name] is not None:
-            state, opt_state = jax.device_put((state, opt_state), placement[name])
-        step = make_step(block_fn, placement[name])
+            state = jax.device_put(state, placement[name])
+        step = make_step(block_fn, placement[name], state)
         losses, times = [], []
         for i in tqdm(range(cfg.steps), desc=f"dsp-train {name}", file=sys.stderr):
             key = jax.random.fold_in(jax.random.key(cfg.seed + 1), i)
             start = time.perf_counter()
-            state, opt_state, loss = jax.block_until_ready(
-                step(state, opt_state, train[order[i]], key)
+            state, metrics = jax.block_until_ready(
+                step(state, {"clips": train[order[i]], "key": key})
             )
             times.append(time.perf_counter() - start)
-            losses.append(float(loss))
+            losses.append(float(metrics["loss"]))
         results[name] = {
             "losses": losses,
-            "state": jax.device_get(state),
+            "state": jax.device_get(state.params),
             "step_time": float(np.median(times[1:] or times)),
-            "val_loss": float(val_loss(state, block_fn)),
+            "val_loss": float(val_loss(state.params, block_fn)),
         }
     single, dsp = results["single"], results["dsp"]
     rel = [

@@ -64,35 +64,26 @@ import dataclasses
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.nn.config import VideoLLMConfig
+from jaxeff.train.recipe import OptimConfig
 
 VARIANTS = ("dense", "mod")
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoLLMModConfig:
-    """Clips, model, routing and training of ``videollm-mod`` (see `VideoLLMConfig`)."""
+    """Clips and model (``model``: `jaxeff.nn.config.VideoLLMConfig`), routing, training
+    (``optim``: the recipe's clipped warmup-cosine AdamW, here with optax's default b2)."""
 
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    patch: int = 4
-    max_scenes: int = 2
-    caption_len: int = 40
-    text_vocab: int = 512
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    ffn_dim: int = 384
-    route_every: int = 2
+    model: VideoLLMConfig = VideoLLMConfig(frames=8, caption_len=40)
     r: float = 0.2
     train_clips: int = 256
     eval_clips: int = 32
     batch_size: int = 4
     steps: int = 240
-    learning_rate: float = 2e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
+    optim: OptimConfig = OptimConfig(
+        learning_rate=2e-3, warmup_steps=10, weight_decay=0.01, b2=0.999, clip_norm=1.0
+    )
     log_every: int = 10
     progress: bool = True
     seed: int = 0
@@ -101,16 +92,18 @@ class VideoLLMModConfig:
 def get_config(preset: str) -> VideoLLMModConfig:
     if preset == "smoke":
         return VideoLLMModConfig(
-            frames=4,
-            height=16,
-            width=16,
-            caption_len=16,
-            text_vocab=300,
-            dim=32,
-            n_layers=2,
-            n_heads=2,
-            n_kv_heads=2,
-            ffn_dim=64,
+            model=VideoLLMConfig(
+                frames=4,
+                height=16,
+                width=16,
+                caption_len=16,
+                text_vocab=300,
+                dim=32,
+                n_layers=2,
+                n_heads=2,
+                n_kv_heads=2,
+                ffn_dim=64,
+            ),
             train_clips=8,
             eval_clips=4,
             batch_size=2,
@@ -121,26 +114,6 @@ def get_config(preset: str) -> VideoLLMModConfig:
     if preset == "cpu":
         return VideoLLMModConfig()
     raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
-
-
-def model_config(cfg: VideoLLMModConfig):
-    from jaxeff.nn.videollm import VideoLLMConfig
-
-    return VideoLLMConfig(
-        frames=cfg.frames,
-        height=cfg.height,
-        width=cfg.width,
-        patch=cfg.patch,
-        max_scenes=cfg.max_scenes,
-        caption_len=cfg.caption_len,
-        text_vocab=cfg.text_vocab,
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        ffn_dim=cfg.ffn_dim,
-        route_every=cfg.route_every,
-    )
 
 
 def _check(cfg: VideoLLMModConfig) -> None:
@@ -155,18 +128,19 @@ def _check(cfg: VideoLLMModConfig) -> None:
         )
 
 
-def make_data(cfg: VideoLLMModConfig, mcfg):
+def make_data(cfg: VideoLLMModConfig):
     """Training and held-out batches (numpy) and the caption tokenizer."""
     from jaxeff.data.tokenize import train_bpe_tokenizer
     from jaxeff.data.video import make_clips
     from jaxeff.nn.videollm import make_batch
 
-    kw = dict(frames=cfg.frames, height=cfg.height, width=cfg.width, seed=cfg.seed)
-    kw["scenes"] = (1, cfg.max_scenes)
+    mcfg = cfg.model
+    kw = dict(frames=mcfg.frames, height=mcfg.height, width=mcfg.width, seed=cfg.seed)
+    kw["scenes"] = (1, mcfg.max_scenes)
     train_frames, train_meta = make_clips(cfg.train_clips, **kw)
     eval_frames, eval_meta = make_clips(cfg.eval_clips, start=cfg.train_clips, **kw)
     captions = [c for m in train_meta for c in m.captions]
-    tokenizer = train_bpe_tokenizer(captions, cfg.text_vocab)
+    tokenizer = train_bpe_tokenizer(captions, mcfg.text_vocab)
 
     def batch(frames, metas):
         ids = [[tokenizer.encode(c).ids for c in m.captions] for m in metas]
@@ -201,7 +175,6 @@ def run(cfg: VideoLLMModConfig, workdir: str | None = None, resume: bool = False
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from flax import nnx
 
     from jaxeff.bench import interleaved_times
@@ -212,20 +185,11 @@ def run(cfg: VideoLLMModConfig, workdir: str | None = None, resume: bool = False
 
     del resume  # a run is minutes long and benchmarks both variants side by side: no resume
     _check(cfg)
-    mcfg = model_config(cfg)
-    train, held_out, _ = make_data(cfg, mcfg)
+    mcfg = cfg.model
+    train, held_out, _ = make_data(cfg)
     graphdef, params = nnx.split(VideoLLM(mcfg, rngs=nnx.Rngs(params=cfg.seed)))
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        cfg.learning_rate,
-        max(cfg.warmup_steps, 1),
-        max(cfg.steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * 0.1,
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    )
+    tx = cfg.optim.build(cfg.steps)
     routes = {"dense": None, "mod": cfg.r}
     rng = np.random.default_rng(cfg.seed)
     order = [rng.choice(cfg.train_clips, cfg.batch_size, replace=False) for _ in range(cfg.steps)]
@@ -328,9 +292,9 @@ def run(cfg: VideoLLMModConfig, workdir: str | None = None, resume: bool = False
 
 def _print_table(out: dict, cfg: VideoLLMModConfig, mcfg) -> None:
     print(
-        f"clips {cfg.frames}x{cfg.height}x{cfg.width}, {mcfg.patches_per_frame} patches/frame; "
+        f"clips {mcfg.frames}x{mcfg.height}x{mcfg.width}, {mcfg.patches_per_frame} patches/frame; "
         f"sequence {mcfg.seq_len} tokens ({100 * out['vision_frac']:.0f}% vision); "
-        f"{cfg.n_layers} layers, routed {list(mcfg.routed_layers())} at r={cfg.r} "
+        f"{mcfg.n_layers} layers, routed {list(mcfg.routed_layers())} at r={cfg.r} "
         f"({mcfg.routed_tokens(cfg.r)} tokens computed there); batch {cfg.batch_size}, "
         f"{cfg.steps} steps"
     )

@@ -98,6 +98,8 @@ def set_path(cfg: Any, dotted: str, value: Any) -> Any:
         raise ConfigError(f"unknown config key {dotted!r} in {where}; allowed: {', '.join(names)}")
     current = getattr(cfg, head)
     if rest:
+        if current is None:
+            current = _default_section(_field_types(type(cfg))[head], head, rest)
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"config key {head!r} is a value, not a section: cannot set {rest!r}")
         new = set_path(current, rest, value)
@@ -107,6 +109,23 @@ def set_path(cfg: Any, dotted: str, value: Any) -> Any:
         return dataclasses.replace(cfg, **{head: new})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{dotted}={value!r}: {err}") from err
+
+
+def _default_section(tp, head: str, rest: str):
+    """The section to set ``rest`` in when field ``head`` is None: the default instance of
+    its dataclass type (``moe: MoEConfig | None`` -> ``MoEConfig()``), so that
+    ``--set model.moe.num_experts=8`` turns the section on with its defaults."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    classes = [o for o in typing.get_args(tp) if union and dataclasses.is_dataclass(o)]
+    if len(classes) != 1:
+        return None  # a plain value: set_path reports it
+    try:
+        return classes[0]()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"config key {head!r} is None and {classes[0].__name__}() has no defaults to set "
+            f"{rest!r} in ({err}); set it whole, e.g. --set {head}='{{...}}'"
+        ) from err
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:

@@ -1,47 +1,32 @@
-"""Data: embedded corpora, BPE tokenizers, packing and checkpointable grain loaders."""
+"""Data: embedded corpora, BPE tokenizers, packing and checkpointable grain loaders.
 
-from jaxeff.data.corpora import (
-    CORPORA,
-    Document,
-    list_silos,
-    load_documents,
-    split_documents,
-)
-from jaxeff.data.packing import (
-    LMData,
-    PackedSource,
-    build_lm_data,
-    iterator_state,
-    make_loader,
-    pack_sequences,
-    restore_iterator,
-    unigram_perplexity,
-)
-from jaxeff.data.tokenize import (
-    EOS_TOKEN,
-    PAD_TOKEN,
-    encode_documents,
-    get_tokenizer,
-    train_bpe_tokenizer,
-)
+The names below load their module on first use (``from jaxeff.data import make_loader``);
+``import jaxeff.data`` imports nothing else.
+"""
 
-__all__ = [
-    "CORPORA",
-    "EOS_TOKEN",
-    "PAD_TOKEN",
-    "Document",
-    "LMData",
-    "PackedSource",
-    "build_lm_data",
-    "encode_documents",
-    "get_tokenizer",
-    "iterator_state",
-    "list_silos",
-    "load_documents",
-    "make_loader",
-    "pack_sequences",
-    "restore_iterator",
-    "split_documents",
-    "train_bpe_tokenizer",
-    "unigram_perplexity",
-]
+from jaxeff._lazy import attach as _attach
+
+_EXPORTS = {
+    "corpora": ("CORPORA", "Document", "list_silos", "load_documents", "split_documents"),
+    "packing": (
+        "LMData",
+        "PackedSource",
+        "build_lm_data",
+        "iterator_state",
+        "make_loader",
+        "pack_sequences",
+        "restore_iterator",
+        "unigram_perplexity",
+    ),
+    "tokenize": (
+        "EOS_TOKEN",
+        "PAD_TOKEN",
+        "encode_documents",
+        "get_tokenizer",
+        "train_bpe_tokenizer",
+    ),
+}
+
+__getattr__, __dir__, __all__ = _attach(
+    __name__, attrs={name: module for module, names in _EXPORTS.items() for name in names}
+)

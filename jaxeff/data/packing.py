@@ -256,7 +256,7 @@ def _route_silos(
     return {c: routed[c] for c in corpora if c in routed}
 
 
-def _docs_key(docs: Sequence[corpora_lib.Document]) -> str:
+def docs_key(docs: Sequence[corpora_lib.Document]) -> str:
     """A sha256 of the documents' ids and texts: the tokenizer cache key of their training."""
     h = hashlib.sha256()
     for d in docs:
@@ -265,6 +265,21 @@ def _docs_key(docs: Sequence[corpora_lib.Document]) -> str:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
     return "docs-sha256:" + h.hexdigest()
+
+
+def token_windows(docs, encode, seq_len: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` windows ``[n, seq_len]`` of consecutive tokens of ``docs`` (documents
+    with a ``text``) encoded by ``encode(text) -> ids``, concatenated without separators; only
+    as many documents are encoded as the windows need."""
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(encode(doc.text))
+        if len(ids) >= limit * seq_len:
+            break
+    n = min(limit, len(ids) // seq_len)
+    if n < 1:
+        raise ValueError(f"the documents are too short for one window of seq_len={seq_len}")
+    return np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
 def _pack_split(name: str, arrays: list[np.ndarray], seq_len: int, eos_id: int) -> np.ndarray:
@@ -322,7 +337,7 @@ def build_lm_data(
     if not val_docs:
         raise ValueError(f"need at least 2 documents to split, got {len(docs)}; raise max_bytes")
     tokenizer = tokenize_lib.get_tokenizer(
-        _docs_key(train_docs),
+        docs_key(train_docs),
         lambda: (d.text for d in train_docs),
         vocab_size,
         cache_dir=cache_dir,

@@ -291,6 +291,29 @@ def repeat_segments(
     return windows, is_repeat
 
 
+class WeightedWindows:
+    """A grain source of training windows ``{"tokens": [L], "loss_mask": [L]}`` whose loss mask
+    (per-token weights of `jaxeff.train.losses.causal_lm_loss`) is ``answer_weight`` on the
+    passkey answers of ``answer_mask`` (`MixedWindows`) and 1 elsewhere."""
+
+    def __init__(self, tokens, answer_mask, answer_weight: float):
+        import hashlib
+
+        self._tokens = np.ascontiguousarray(tokens, np.int32)
+        self._mask = np.where(answer_mask, np.float32(answer_weight), np.float32(1.0))
+        digest = hashlib.sha1(self._tokens.tobytes() + self._mask.tobytes()).hexdigest()[:16]
+        self._repr = f"WeightedWindows(shape={self._tokens.shape}, sha1={digest})"
+
+    def __len__(self) -> int:
+        return self._tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        return {"tokens": self._tokens[index], "loss_mask": self._mask[index]}
+
+    def __repr__(self) -> str:
+        return self._repr
+
+
 def score_passkey(predicted: np.ndarray, answer_ids: np.ndarray) -> np.ndarray:
     """Per item: all answer tokens predicted right (``predicted, answer_ids [N, n]``) -> bool
     ``[N]``."""
@@ -309,7 +332,8 @@ def passkey_accuracy(model, items: PasskeySet, batch_size: int = 8) -> float:
     for lo in range(0, len(items), batch_size):
         tokens = jnp.asarray(items.tokens[lo : lo + batch_size])
         logits = model(tokens)
-        logits = logits[0] if isinstance(logits, tuple) else logits  # a Transformer: (logits, cache)
+        # a Transformer returns (logits, cache)
+        logits = logits[0] if isinstance(logits, tuple) else logits
         pos = jnp.asarray(items.answer_positions[lo : lo + batch_size]) - 1
         pred = jnp.argmax(logits[jnp.arange(pos.shape[0])[:, None], pos], axis=-1)
         correct.append(score_passkey(np.asarray(pred), items.answer_ids[lo : lo + batch_size]))

@@ -1,6 +1,15 @@
-"""Pretrained LLMs in jaxeff: GGUF import (SmolLM2), tokenizers and chat templates."""
+"""Pretrained LLMs in jaxeff: GGUF import (SmolLM2), tokenizers and chat templates.
 
-from jaxeff.llm.chat import ChatTemplate
-from jaxeff.llm.gguf import build_tokenizer, load_gguf, read_gguf_config, smollm2_path
+The names below load their module on first use; ``import jaxeff.llm`` does not import jax.
+"""
 
-__all__ = ["ChatTemplate", "build_tokenizer", "load_gguf", "read_gguf_config", "smollm2_path"]
+from jaxeff._lazy import attach as _attach
+
+_EXPORTS = {
+    "chat": ("ChatTemplate",),
+    "gguf": ("build_tokenizer", "load_gguf", "read_gguf_config", "smollm2_path"),
+}
+
+__getattr__, __dir__, __all__ = _attach(
+    __name__, attrs={name: module for module, names in _EXPORTS.items() for name in names}
+)

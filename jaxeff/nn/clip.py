@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.data import video
+from jaxeff.nn.attention import dot_product_attention
 
 ATTRIBUTES = ("digit", "color", "size", "position", "background")
 # Attribute class names as they appear in prompts and captions.
@@ -286,10 +287,11 @@ class Block(nnx.Module):
         b, n, d = x.shape
         q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
         split = lambda t: t.reshape(b, n, self.heads, d // self.heads)  # noqa: E731
-        scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / math.sqrt(d // self.heads)
-        if mask is not None:  # [B, N] True where a key is real
-            scores = jnp.where(mask[:, None, None, :], scores, -1e9)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), split(v))
+        segments = {}
+        if mask is not None:  # [B, N] True where a key is real: padding keys are segment 0
+            ids = mask.astype(jnp.int32)
+            segments = {"q_segment_ids": jnp.ones_like(ids), "kv_segment_ids": ids}
+        o = dot_product_attention(split(q), split(k), split(v), **segments)
         x = x + self.out(o.reshape(b, n, d))
         return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
 

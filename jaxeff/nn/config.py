@@ -1,10 +1,11 @@
 """Configurations of jaxeff's decoder and its routed layers, free of jax.
 
 `TransformerConfig` (a Llama-style decoder), `MoEConfig` (OpenMoE FFN layers), `ModConfig`
-(Mixture-of-Depths / MoDification routed layers) and `RopeScaling` (PI, NTK, YaRN, Llama 3
-context extension) are frozen dataclasses of plain Python values: experiments embed them in
-their own configs (``--set model.n_layers=6``), and ``import jaxeff.nn.config`` does not import
-jax, so a launcher can read and validate a run's configuration before any device starts.
+(Mixture-of-Depths / MoDification routed layers), `RopeScaling` (PI, NTK, YaRN, Llama 3
+context extension) and `VideoLLMConfig` (VideoLLM-MoD's clips and decoder) are frozen
+dataclasses of plain Python values: experiments embed them in their own configs (``--set
+model.n_layers=6``), and ``import jaxeff.nn.config`` does not import jax, so a launcher can
+read and validate a run's configuration before any device starts.
 Anything that needs jax (``compute_dtype``) imports it inside.
 """
 
@@ -387,3 +388,116 @@ class TransformerConfig:
             predictor = (d * hidden + hidden + hidden + 1) if hidden else 0
             blocks += self.n_mod_layers * (d + 1 + predictor)
         return self.vocab_size * d + blocks + d + head
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLLMConfig:
+    """Shape of the clips, the text, the decoder and where it routes.
+
+    Attributes:
+      frames, height, width, patch: clips ``[frames, height, width, 3]`` cut into
+        ``patch x patch`` patches (height and width must divide by ``patch``).
+      max_scenes: caption blocks reserved per clip (a clip with fewer scenes pads the rest).
+      caption_len: tokens per caption block: ``<caption>``, the words, ``<eos>``, padding.
+      text_vocab: size of the caption tokenizer's vocabulary; two ids follow it for
+        ``<frame>`` (``text_vocab``) and ``<caption>`` (``text_vocab + 1``).
+      dim, n_layers, n_heads, n_kv_heads, ffn_dim: the decoder.
+      route_every: layer ``i`` is routed when ``i % route_every == route_every - 1``.
+    """
+
+    frames: int = 16
+    height: int = 32
+    width: int = 32
+    patch: int = 4
+    max_scenes: int = 2
+    caption_len: int = 48
+    text_vocab: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 384
+    route_every: int = 2
+
+    def __post_init__(self):
+        for name in ("frames", "height", "width", "patch", "max_scenes", "dim", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"VideoLLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.height % self.patch or self.width % self.patch:
+            raise ValueError(
+                f"VideoLLMConfig.patch={self.patch} must divide height={self.height} and "
+                f"width={self.width}"
+            )
+        if self.caption_len < 3:
+            raise ValueError(
+                f"VideoLLMConfig.caption_len must be >= 3 (<caption>, a word, <eos>), got "
+                f"{self.caption_len}"
+            )
+        if self.text_vocab < 2:
+            raise ValueError(f"VideoLLMConfig.text_vocab must be >= 2, got {self.text_vocab}")
+        if not isinstance(self.route_every, int) or self.route_every < 1:
+            raise ValueError(f"VideoLLMConfig.route_every must be >= 1, got {self.route_every}")
+        if self.n_layers % self.route_every:
+            raise ValueError(
+                f"VideoLLMConfig.n_layers={self.n_layers} must divide by route_every="
+                f"{self.route_every}"
+            )
+        self.transformer()  # checks heads, kv heads, head_dim
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.height // self.patch) * (self.width // self.patch)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch * self.patch * 3
+
+    @property
+    def num_vision(self) -> int:
+        return self.frames * self.patches_per_frame
+
+    @property
+    def num_text(self) -> int:
+        """Text positions per clip: one ``<frame>`` per frame and the caption blocks."""
+        return self.frames + self.max_scenes * self.caption_len
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_vision + self.num_text
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab + 2
+
+    @property
+    def frame_id(self) -> int:
+        return self.text_vocab
+
+    @property
+    def caption_id(self) -> int:
+        return self.text_vocab + 1
+
+    def routed_layers(self) -> tuple[int, ...]:
+        return tuple(
+            i for i in range(self.n_layers) if i % self.route_every == self.route_every - 1
+        )
+
+    def routed_tokens(self, r: float) -> int:
+        """Tokens a routed layer computes: every text token and ``max(1, floor(r P))`` per
+        frame."""
+        if not (isinstance(r, int | float) and 0.0 < r <= 1.0):
+            raise ValueError(f"r must be a number in (0, 1], got {r!r}")
+        keep = max(1, int(math.floor(r * self.patches_per_frame + 1e-9)))
+        return self.num_text + self.frames * keep
+
+    def transformer(self) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_size=self.vocab_size,
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            ffn_dim=self.ffn_dim,
+            max_seq_len=self.seq_len,
+        )

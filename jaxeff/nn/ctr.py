@@ -197,7 +197,7 @@ class CTRModel(nnx.Module):
 
     def table_paths(self) -> list[str]:
         """Exact parameter paths of the ``[vocab, dim]`` embedding tables, in field order (what
-        `jaxeff.optim.helen.scale_by_helen` takes as ``tables``)."""
+        `jaxeff.optim.scale_by_helen` takes as ``tables``)."""
         if not self.uses_embedding:
             return []
         return [f"embedding/tables/{n}" for n in self.field_names]

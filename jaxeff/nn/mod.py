@@ -434,3 +434,76 @@ class RoutedBlock(nnx.Module):
         aux = {name.removesuffix("_loss"): value for name, value in losses.items()}
         aux["mask"] = info["mask"]
         return routed_block(block_fn, x, positions, route, weights), aux
+
+
+# =============================================================================================
+# Converting a trained dense decoder: routers distilled from its residual updates
+# (MoDification, Zhang et al., 2025). Used by the ``modification`` experiment.
+# =============================================================================================
+
+
+def dense_layer_updates(model, tokens, every: int) -> tuple[list, list]:
+    """Per layer ``j`` with ``j % every == every - 1`` of a dense `Transformer` (the layers
+    `convert_to_mod` routes): its input ``x [N, D]`` (all tokens of ``tokens [B, S]``) and the
+    size of its residual update ``|f(x)_i|`` ``[N]``."""
+    from jaxeff.nn.transformer import LayerInputs
+
+    graphdef, stacked = nnx.split(model.blocks)
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = model.rope_tables(positions)
+    inputs = LayerInputs(cos, sin, positions, {"causal": True})
+
+    @jax.jit
+    def layer(params, x):
+        return nnx.merge(graphdef, params)(x, inputs)
+
+    x = model.embed(jnp.asarray(tokens)).astype(jnp.float32)
+    xs, updates = [], []
+    for j in range(model.cfg.n_layers):
+        y = layer(jax.tree.map(lambda a, j=j: a[j], stacked), x)
+        if j % every == every - 1:
+            flat_x = x.reshape(-1, x.shape[-1])
+            xs.append(flat_x)
+            updates.append(jnp.linalg.norm((y - x).reshape(flat_x.shape), axis=-1))
+        x = y
+    return xs, updates
+
+
+def router_target(x, update, target_skip: float, massive_factor: float = 0.0):
+    """Distillation target ``[N]`` in {0, 1}: the token's residual update ``|f(x)_i|`` is above
+    the layer's ``target_skip`` quantile, or the token carries a massive activation
+    (``|x_i| > massive_factor * median |x|``: attention sinks, which every other token needs as
+    a key; their relative update is tiny). ``massive_factor`` 0 turns the second rule off."""
+    norm = jnp.linalg.norm(x, axis=-1)
+    keep = update > jnp.quantile(update, target_skip)
+    if massive_factor > 0:
+        keep = keep | (norm > massive_factor * jnp.median(norm))
+    return keep.astype(jnp.float32)
+
+
+def train_router(x, target, steps: int, lr: float) -> tuple[jax.Array, jax.Array]:
+    """Logistic regression ``sigmoid(w . x + b)`` of ``target`` in {0, 1} (BCE, Adam, full
+    batch) on standardised features; returns ``(w [D], b)`` for the raw ``x``:
+    ``w = v / sigma``, ``b = c - sum(v mu / sigma)`` (a threshold router's kernel and bias)."""
+    import optax
+
+    mu, sigma = jnp.mean(x, 0), jnp.std(x, 0) + 1e-6
+    z = (x - mu) / sigma
+    params = {"v": jnp.zeros(x.shape[1]), "c": jnp.zeros(())}
+    tx = optax.adam(lr)
+    state = tx.init(params)
+
+    def loss(p):
+        return bce_with_logits(z @ p["v"] + p["c"], target)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    w = params["v"] / sigma
+    return w, params["c"] - jnp.sum(params["v"] * mu / sigma)

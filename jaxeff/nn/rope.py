@@ -189,3 +189,36 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
     sin = sin[..., None, :].astype(jnp.float32)
     out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
     return out.astype(x.dtype)
+
+
+def rope_scaling_for(
+    method: str, length: int, original_len: int, dynamic_factor: float = 2.0
+) -> RopeScaling | None:
+    """The `RopeScaling` that extends a model pretrained on ``original_len`` tokens to
+    sequences of ``length`` with ``method`` (None for ``none``): static methods use
+    ``factor = length / original_len`` (at least 1); ``dynamic_ntk`` uses ``dynamic_factor``
+    (Hugging Face's convention; the ratio then grows with the current length)."""
+    if method not in ROPE_METHODS:
+        raise ValueError(f"RoPE method {method!r}; allowed: {', '.join(ROPE_METHODS)}")
+    if method == "none":
+        return None
+    if method == "dynamic_ntk":
+        return RopeScaling("dynamic_ntk", float(dynamic_factor), original_max_len=original_len)
+    factor = max(1.0, length / original_len)
+    return RopeScaling(method, factor, original_max_len=original_len)
+
+
+def with_rope_scaling(model, scaling: RopeScaling | None, max_seq_len: int | None = None):
+    """A `jaxeff.nn.transformer.Transformer` with ``model``'s parameters under another RoPE
+    scaling (and ``max_seq_len``): a new graph, the weights shared, not copied."""
+    import dataclasses
+
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+
+    cfg = dataclasses.replace(
+        model.cfg, rope_scaling=scaling, max_seq_len=max_seq_len or model.cfg.max_seq_len
+    )
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.graphdef(abstract), nnx.state(model))

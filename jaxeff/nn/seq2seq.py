@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxeff.nn.attention import attention_weights
+
 
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqConfig:
@@ -40,11 +42,11 @@ class Seq2SeqConfig:
 
 
 def attention(q, k, v, mask):
-    """``softmax(q k^T / sqrt(d) + mask) v`` per head; returns (output, weights [B,H,Tq,Tk])."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v), weights
+    """``softmax(q k^T / sqrt(d) | mask) v`` per head (`jaxeff.nn.attention.attention_weights`:
+    ``mask`` broadcastable to ``[B, H, Tq, Tk]``, True = attend); returns (output, weights
+    ``[B, H, Tq, Tk]``): the decoder's last cross-attention weights feed kNN-MT-DR."""
+    weights = attention_weights(q, k, mask)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), weights
 
 
 class MultiHeadAttention(nnx.Module):

@@ -5,22 +5,34 @@ Pre-norm blocks ``x + Attn(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))`` with
 MLP ``W_down(silu(W_gate x) * W_up x)``. Parameter names follow Llama (q/k/v/o, gate/up/down),
 so Hugging Face or GGUF Llama weights map onto it one to one.
 
+One forward, ``Transformer.__call__(tokens, positions, *, cache, train, dropout_key,
+return_hidden, ...) -> (logits or hidden states, cache or None)``, serves training, prefill and
+decode (as Flax's Gemma example does). Attention is `jaxeff.nn.attention.dot_product_attention`
+with the implementation of ``TransformerConfig.attention`` (None: per backend).
+
 With ``TransformerConfig.moe`` set, every ``moe.every``-th layer (the last of each run of
 ``every``) is an OpenMoE block whose FFN is a Mixture of Experts (`jaxeff.nn.moe`), residual
-(``x + MoE(x) + FFN(x)``) by default; the model then returns ``(logits, aux_losses)``.
+(``x + MoE(x) + FFN(x)``) by default.
 
-With ``TransformerConfig.mod`` set (`jaxeff.nn.mod.ModConfig`), every ``mod.every``-th layer is
-a Mixture-of-Depths `ModBlock`: a router picks the tokens that run the layer (MoD top-k over the
-sequence, or MoDification's per-token threshold-p), the layer runs on those tokens alone at
-their original RoPE positions, and the others pass unchanged; the model returns
-``(logits, aux_losses)``. In KV-cache decoding (`forward_cached`) each routed layer keeps its own
-compacted cache (`ModKVCache`): ``ceil(cache_fraction * S)`` slots per row filled in position
-order, with a slot pointer per row, so skipped tokens are absent from that layer's attention and
-its cache, and generation allocates less.
+With ``TransformerConfig.mod`` set (`jaxeff.nn.config.ModConfig`), every ``mod.every``-th layer
+is a Mixture-of-Depths `ModBlock`: `jaxeff.nn.mod.Router` picks the tokens that run the layer
+(MoD top-k over the sequence, or MoDification's per-token threshold-p), the layer runs on those
+tokens alone at their original RoPE positions, and the others pass unchanged. With a KV cache
+each routed layer keeps its own compacted cache (`KVCache` ``routed_*``): ``ceil(cache_fraction
+* S)`` slots per row filled in position order, with a slot pointer per row, so skipped tokens
+are absent from that layer's attention and its cache, and generation allocates less.
+
+Auxiliary losses (MoE load balance and router z-loss, MoD router and predictor BCE, already
+weighted) and routing decisions are sown as ``nnx.Intermediate`` values (names ending in
+``_loss`` are losses), as MaxText does for its load-balance loss; inside the ``lax.scan`` over
+layers each layer's values are captured in the body, returned as scan outputs and sown again at
+the model. `forward_with_intermediates` runs the model under ``nnx.capture`` and returns them;
+a plain call records nothing.
 
 The layers are stored stacked (a leading ``layers`` axis on every block parameter) and applied
 with ``jax.lax.scan``: the compiled program holds one block whatever the depth, which keeps
-compile time flat on small machines and deep models.
+compile time flat on small machines and deep models. `Transformer.unstacked` gives a copy with
+per-layer modules for one-token decode steps.
 
 References:
   Touvron et al., LLaMA: Open and Efficient Foundation Language Models, 2023.

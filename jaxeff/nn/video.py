@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxeff.nn.attention import dot_product_attention
+
 # (p_attn, h) -> attention output with h's shape; the sequence-parallel code supplies its own
 AttentionFn = Callable[[dict, jnp.ndarray], jnp.ndarray]
 
@@ -69,9 +71,9 @@ def attention_core(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, axis: int) ->
     axis = axis % q.ndim
     # move the attended axis next to the head axis: [..., L, H, d]
     q, k, v = (jnp.moveaxis(a, axis, -3) for a in (q, k, v))
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) * (q.shape[-1] ** -0.5)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+    lead = q.shape[:-3]
+    flat = [a.reshape((-1,) + a.shape[-3:]) for a in (q, k, v)]
+    out = dot_product_attention(*flat).reshape(lead + q.shape[-3:])
     return jnp.moveaxis(out, -3, axis)
 
 

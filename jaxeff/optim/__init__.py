@@ -2,24 +2,34 @@
 
 Each follows optax: ``scale_by_<name>()`` returns a ``GradientTransformation`` (or
 ``GradientTransformationExtraArgs`` when it needs extra arguments to ``update``) with a
-NamedTuple state, and ``<name>(learning_rate, ...)`` chains it into a full optimizer.
+NamedTuple state, and ``<name>(learning_rate, ...)`` chains it into a full optimizer. Import
+them from here (``jaxeff.optim.came``, ``jaxeff.optim.scale_by_came``); the modules behind
+(``_came``, ``_sam``, ``_helen``) are private and load on first use.
 """
 
-from jaxeff.optim.came import came, scale_by_came
-from jaxeff.optim.helen import HelenState, feature_counts, helen, param_path, scale_by_helen
-from jaxeff.optim.sam import SAMState, asam, gsam, gsam_rho_schedule, sam
+from jaxeff._lazy import attach as _attach
 
-__all__ = [
-    "HelenState",
-    "SAMState",
-    "asam",
-    "came",
-    "feature_counts",
-    "gsam",
-    "gsam_rho_schedule",
-    "helen",
-    "param_path",
-    "sam",
-    "scale_by_came",
-    "scale_by_helen",
-]
+__getattr__, __dir__, __all__ = _attach(
+    __name__,
+    attrs={
+        # CAME (Luo et al., ACL 2023)
+        "ScaleByCameState": "_came",
+        "came": "_came",
+        "scale_by_came": "_came",
+        # Helen (Zhu et al., WWW 2024)
+        "HelenState": "_helen",
+        "feature_counts": "_helen",
+        "helen": "_helen",
+        "param_path": "_helen",
+        "scale_by_helen": "_helen",
+        # SAM, ASAM, GSAM (Foret et al. 2021; Kwon et al. 2021; Zhuang et al. 2022)
+        "SAMState": "_sam",
+        "asam": "_sam",
+        "asam_gradient": "_sam",
+        "gsam": "_sam",
+        "gsam_gradient": "_sam",
+        "gsam_rho_schedule": "_sam",
+        "sam": "_sam",
+        "sam_gradient": "_sam",
+    },
+)

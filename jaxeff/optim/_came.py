@@ -124,7 +124,7 @@ def scale_by_came(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from jaxeff.optim.came import scale_by_came
+      >>> from jaxeff.optim import scale_by_came
       >>> tx = scale_by_came()
       >>> params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
       >>> state = tx.init(params)
@@ -237,7 +237,7 @@ def came(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from jaxeff.optim.came import came
+      >>> from jaxeff.optim import came
       >>> loss = lambda p: jnp.sum((p["w"] - 3.0) ** 2)
       >>> params = {"w": jnp.zeros((4, 2))}
       >>> tx = came(optax.linear_schedule(0.1, 0.01, 300), weight_decay=1e-4)

@@ -288,7 +288,7 @@ def sam(
 
     Args:
       inner: the base optimizer (any Optax transformation, e.g. ``optax.adam(1e-3)`` or
-        `jaxeff.optim.came.came`).
+        `jaxeff.optim.came`).
       rho: perturbation radius (0.05 in the paper for CIFAR/ImageNet).
       eps: added to ``||g||``.
 
@@ -297,7 +297,7 @@ def sam(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from jaxeff.optim.sam import sam
+      >>> from jaxeff.optim import sam
       >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
       >>> params = jnp.zeros(3)
       >>> tx = sam(optax.sgd(0.1), rho=0.05)
@@ -346,7 +346,7 @@ def asam(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from jaxeff.optim.sam import asam
+      >>> from jaxeff.optim import asam
       >>> loss = lambda p: jnp.sum((p["w"] @ jnp.ones(2) + p["b"] - 1.0) ** 2)
       >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
       >>> tx = asam(optax.sgd(0.1))
@@ -409,7 +409,7 @@ def gsam(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from jaxeff.optim.sam import gsam
+      >>> from jaxeff.optim import gsam
       >>> lr = optax.linear_schedule(0.1, 0.0, 100)
       >>> tx = gsam(optax.sgd(lr), rho_max=0.1, rho_min=0.01, alpha=0.1,
       ...           learning_rate=lr, lr_max=0.1, lr_min=0.0)

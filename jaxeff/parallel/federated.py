@@ -244,7 +244,7 @@ def make_round(
       metrics)`` where ``batches`` has leaves ``[C, H, ...]``, ``weights [C]`` (e.g. tokens per
       client), ``participate [C]`` bool (client sampling; absent clients keep their state and
       send nothing) and ``masks`` the aggregation masks (`full_masks`, or DEPT's from
-      `jaxeff.nn.embeddings.aggregation_masks`). ``metrics``: ``loss [C, H]`` (local training
+      `jaxeff.parallel.dept.aggregation_masks`). ``metrics``: ``loss [C, H]`` (local training
       losses) and ``coverage`` (per leaf, the weight that reached each element).
     """
     if axis not in mesh.shape:

@@ -217,7 +217,11 @@ def sft_loss(graphdef, params, batch, rng, frozen=None) -> LossOutput:
     model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     # causal within segments: the rows' `segment_mask`, without materialising it
     logits, _ = model(
-        inputs, batch["positions"][:, :-1], segment_ids=seg_in, train=rng is not None, dropout_key=rng
+        inputs,
+        batch["positions"][:, :-1],
+        segment_ids=seg_in,
+        train=rng is not None,
+        dropout_key=rng,
     )
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     counts = jnp.sum(weight, axis=-1)

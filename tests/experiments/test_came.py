@@ -32,7 +32,7 @@ def test_came_lm_smoke_contract_state_bytes_and_learning(tmp_path):
     assert set(out["val_loss"]) == set(out["state_bytes"]) == OPTIMIZERS
 
     vocab = int(round(math.exp(out["uniform_loss"])))
-    mcfg = came_exp.lm.model_config(cfg.lm, vocab)
+    mcfg = cfg.lm.model_for(vocab)
     model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
     shapes = [x.shape for x in jax.tree.leaves(nnx.state(model))]
     n = sum(math.prod(s) for s in shapes)

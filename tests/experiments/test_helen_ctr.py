@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxeff.experiments import helen_ctr as hc
 from jaxeff.nn.ctr import DNN
-from jaxeff.optim.helen import param_path
+from jaxeff.optim import param_path
 from jaxeff.train.metrics import read_metrics
 
 SMOKE = hc.get_config("smoke")

@@ -13,6 +13,7 @@ import pytest
 
 from jaxeff import config as config_lib
 from jaxeff.experiments import lm
+from jaxeff.train import recipe
 from jaxeff.train.metrics import read_metrics
 
 SMOKE = lm.get_config("smoke")
@@ -38,7 +39,7 @@ def test_smoke_run_writes_every_output_and_learns(smoke_run):
     assert summary["steps"] == 60 and summary["train_tokens"] > 0
     losses = _train_losses(workdir)
     assert [s for s, _ in losses] == list(range(1, 61))
-    vocab = lm.load_run(workdir)[1].get_vocab_size()
+    vocab = recipe.load_run(workdir)[1].get_vocab_size()
     # starts near log(vocab) (a uniform guess) and goes down
     assert abs(losses[0][1] - np.log(vocab)) < 0.5 and losses[-1][1] < losses[0][1] - 1.0
     val = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "val"]
@@ -65,28 +66,19 @@ def test_same_seed_same_losses_other_seed_differs(smoke_run, tmp_path):
 def test_load_run_restores_the_trained_model_and_samples(smoke_run):
     from flax import nnx
 
-    from jaxeff.data.packing import build_lm_data
     from jaxeff.infer.generate import Generator
     from jaxeff.train.loop import evaluate, make_eval_step
     from jaxeff.train.losses import causal_lm_loss
 
     workdir, summary = smoke_run
-    model, tokenizer = lm.load_run(workdir)
+    model, tokenizer = recipe.load_run(workdir)
     ids = tokenizer.encode("The ").ids
     out = Generator(model, bucket=8).generate([ids], 5)[0]
     assert len(out) == 5 and all(0 <= i < tokenizer.get_vocab_size() for i in out)
     # the restored model reproduces the run's final validation perplexity
-    d = RUN.data
-    data = build_lm_data(
-        corpora=d.corpora,
-        vocab_size=d.vocab_size,
-        seq_len=d.seq_len,
-        max_bytes=d.max_bytes,
-        val_fraction=d.val_fraction,
-        seed=RUN.seed,
-    )
+    data = recipe.build_data(RUN.data, RUN.seed)
     graphdef, params = nnx.split(model)
-    batches = lm.val_batches(data, RUN.train.batch_size, RUN.train.eval_batches)
+    batches = recipe.val_batches(data, RUN.train.batch_size, RUN.train.eval_batches)
     ev = evaluate(make_eval_step(graphdef, causal_lm_loss), params, batches)
     assert np.isclose(ev["ppl"], summary["val_ppl"], rtol=1e-5)
 
@@ -95,7 +87,7 @@ def test_missing_checkpoint_in_load_run_is_a_clear_error(tmp_path):
     from jaxeff.train.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="no checkpoint found"):
-        lm.load_run(str(tmp_path))
+        recipe.load_run(str(tmp_path))
 
 
 def _cli(args, cwd):
@@ -137,13 +129,14 @@ def test_flops_per_token_formula_matches_an_independent_count():
     import jax
     from flax import nnx
 
+    from jaxeff.bench import model_flops_per_token
     from jaxeff.nn.transformer import Transformer
 
-    cfg = lm.model_config(SMOKE, 512)
+    cfg = SMOKE.model_for(512)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))))
     seq = SMOKE.data.seq_len
     attention = 3 * (2 * seq * cfg.dim + 2 * seq * cfg.dim)  # q k^T and p v; backward = 2x fwd
-    assert lm.model_flops_per_token(cfg, seq) == 6 * n + cfg.n_layers * attention
+    assert model_flops_per_token(cfg, seq) == 6 * n + cfg.n_layers * attention
 
 
 def test_lm_bench_smoke_reports_consistent_ratios():
@@ -156,3 +149,20 @@ def test_lm_bench_smoke_reports_consistent_ratios():
     ratio = out["model_flops_per_s"] / out["matmul_peak_flops_per_s"]
     assert np.isclose(out["mfu_vs_matmul_peak"], ratio)
     assert out["tokens_per_s"] == pytest.approx(out["tokens_per_step"] / out["step_s_median"])
+
+
+def test_the_vocabulary_size_has_one_knob_the_data():
+    model = SMOKE.model_for(500)  # the tokenizer's size wins over the requested 512
+    assert (model.vocab_size, model.max_seq_len) == (500, SMOKE.data.seq_len)
+    assert (model.dim, model.n_layers, model.n_kv_heads) == (64, 2, 2)
+    bad = config_lib.apply_overrides(SMOKE, ["model.vocab_size=1000"])
+    with pytest.raises(ValueError, match="set data.vocab_size instead"):
+        bad.model_for(512)
+    same = config_lib.apply_overrides(SMOKE, ["model.vocab_size=512"])
+    assert same.model_for(512).vocab_size == 512
+
+
+def test_cpu_model_is_the_lm_decoder():
+    m = lm.get_config("cpu").model
+    got = (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.dropout)
+    assert got == (512, 4, 8, 8, 1408, 0.0) and m.tie_embeddings and not m.remat

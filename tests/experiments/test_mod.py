@@ -63,5 +63,10 @@ def test_modification_smoke_contract(tmp_path):
 
 
 def test_modification_refuses_bad_threshold():
-    with pytest.raises(ValueError, match=r"threshold p=1.5 must be in \(0, 1\)"):
-        mod_exp.run_modification(mod_exp.ModificationConfig(model="tiny", p=1.5))
+    from jaxeff.nn.config import ModConfig
+
+    routed = ModConfig(router="threshold", p=0.0)
+    with pytest.raises(ValueError, match=r"threshold p=0.0 must be in \(0, 1\)"):
+        mod_exp.run_modification(mod_exp.ModificationConfig(model="tiny", mod=routed))
+    with pytest.raises(ValueError, match=r"ModConfig.p=1.5"):
+        ModConfig(router="threshold", p=1.5)

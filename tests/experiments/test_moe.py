@@ -28,7 +28,7 @@ def test_openmoe_smoke_contract_and_analyses(tmp_path):
         assert 0.0 <= out[name] <= 1.0, name
     # the dense model has the MoE model's active parameters (to within a FFN column per layer)
     p = out["params"]
-    assert abs(p["dense"]["active"] - p["moe"]["active"]) <= 3 * cfg.arch.dim * cfg.arch.n_layers
+    assert abs(p["dense"]["active"] - p["moe"]["active"]) <= 3 * cfg.model.dim * cfg.model.n_layers
     assert p["moe"]["total"] > p["moe"]["active"]
     # the final checkpoint agrees with itself; one snapshot per evaluation plus the init
     steps = cfg.train.steps
@@ -39,7 +39,7 @@ def test_openmoe_smoke_contract_and_analyses(tmp_path):
     first, last = out["drop_rate_by_input"]["ordinary_train_capacity"]
     assert last > first
     assert out["drop_rate_last_quarter"] >= out["drop_rate_first_quarter"]
-    assert len(out["by_layer"]) == cfg.arch.n_layers // cfg.arch.moe.every
+    assert len(out["by_layer"]) == cfg.model.n_layers // cfg.model.moe.every
     for png in ("val_loss.png", "routing.png"):
         assert os.path.getsize(tmp_path / png) > 1000
     assert os.path.exists(tmp_path / "moe" / "metrics.jsonl")

@@ -12,6 +12,7 @@ import pytest
 from jaxeff import config as config_lib
 from jaxeff.experiment import get_experiment
 from jaxeff.experiments import rope_extension as rx
+from jaxeff.nn.rope import rope_scaling_for, with_rope_scaling
 from jaxeff.train.metrics import read_metrics
 
 SMOKE = rx.get_config("smoke")
@@ -121,9 +122,9 @@ def test_evaluation_agrees_with_the_plain_helpers(tiny):
     from jaxeff.evals.attention_entropy import attention_entropy, perplexity
 
     model, windows, items = tiny
-    scaled = rx.with_rope_scaling(model, rx.rope_scaling("yarn", 48, 24))
+    scaled = with_rope_scaling(model, rope_scaling_for("yarn", 48, 24))
     graphdef, state = nnx.split(scaled)
-    forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))  # the model's own pass
+    forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t)[0])  # the model's own pass
     # rows 0-2 end with the model's own greedy continuation: retrieved; rows 3-4 random: missed
     tokens = items.tokens.copy()
     for p in items.answer_positions[0]:
@@ -143,10 +144,10 @@ def test_evaluation_agrees_with_the_plain_helpers(tiny):
 def test_dynamic_ntk_in_one_pass_is_ntk_at_the_grown_ratio(tiny):
     """HF dynamic NTK at length L, factor f: NTK-aware with s = f L / L0 - (f - 1)."""
     model, windows, items = tiny
-    dyn = rx.rope_scaling("dynamic_ntk", 48, 24, dynamic_factor=2.0)
-    res_dyn = rx.evaluate_model(rx.with_rope_scaling(model, dyn), windows, items, 3, 16)
-    ntk = dataclasses.replace(rx.rope_scaling("ntk", 48, 24), factor=2.0 * 48 / 24 - 1.0)
-    res_ntk = rx.evaluate_model(rx.with_rope_scaling(model, ntk), windows, items, 3, 16)
+    dyn = rope_scaling_for("dynamic_ntk", 48, 24, dynamic_factor=2.0)
+    res_dyn = rx.evaluate_model(with_rope_scaling(model, dyn), windows, items, 3, 16)
+    ntk = dataclasses.replace(rope_scaling_for("ntk", 48, 24), factor=2.0 * 48 / 24 - 1.0)
+    res_ntk = rx.evaluate_model(with_rope_scaling(model, ntk), windows, items, 3, 16)
     plain = rx.evaluate_model(model, windows, items, 3, 16)
     np.testing.assert_allclose(res_dyn["attn_entropy_by_layer"], res_ntk["attn_entropy_by_layer"])
     assert math.isclose(res_dyn["ppl"], res_ntk["ppl"], rel_tol=1e-6)
@@ -154,10 +155,10 @@ def test_dynamic_ntk_in_one_pass_is_ntk_at_the_grown_ratio(tiny):
 
 
 def test_rope_scaling_factors():
-    assert rx.rope_scaling("none", 512, 128) is None
-    assert rx.rope_scaling("linear", 512, 128).factor == 4.0
-    assert rx.rope_scaling("yarn", 128, 128).factor == 1.0
-    dyn = rx.rope_scaling("dynamic_ntk", 1024, 128, dynamic_factor=2.0)
+    assert rope_scaling_for("none", 512, 128) is None
+    assert rope_scaling_for("linear", 512, 128).factor == 4.0
+    assert rope_scaling_for("yarn", 128, 128).factor == 1.0
+    dyn = rope_scaling_for("dynamic_ntk", 1024, 128, dynamic_factor=2.0)
     assert (dyn.method, dyn.factor, dyn.original_max_len) == ("dynamic_ntk", 2.0, 128)
 
 

@@ -14,7 +14,7 @@ def test_videollm_mod_smoke_contract(tmp_path):
     json.dumps(out)  # plain JSON
     for key in ("step_time_ratio", "peak_mem_ratio", "loss_dense", "loss_mod"):
         assert isinstance(out[key], float) and math.isfinite(out[key]), key
-    mcfg = exp.model_config(cfg)
+    mcfg = cfg.model
     # every text token and max(1, floor(r P)) vision tokens per frame in each routed layer;
     # dense layers are half of the layers, so the mean over routed layers is this share
     assert out["routed_frac"] == pytest.approx(mcfg.routed_tokens(cfg.r) / mcfg.seq_len)

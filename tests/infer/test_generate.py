@@ -20,7 +20,7 @@ def model():
 def _greedy_by_recompute(model, prompt, n):
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1])))
+        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0][0, -1])))
     return ids[len(prompt) :]
 
 

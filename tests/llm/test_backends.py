@@ -85,7 +85,7 @@ def test_score_options_is_the_teacher_forced_log_probability(smollm2_backend, sm
     prompt = b.encode(b.template.format(conv))
     for opt, score in zip(options, got, strict=True):
         seq = prompt + b.encode(opt)
-        logits = np.asarray(model(np.asarray([seq], np.int32)))[0].astype(np.float64)
+        logits = np.asarray(model(np.asarray([seq], np.int32))[0])[0].astype(np.float64)
         ref = 0.0
         for t in range(len(prompt), len(seq)):  # one token at a time, no padding, no batch
             row = logits[t - 1]

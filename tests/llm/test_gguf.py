@@ -294,7 +294,7 @@ def test_logits_match_hf(smollm2, hf_model, torch_one_thread):
     for row, ids in enumerate(prompts):
         batch[row, : len(ids)] = ids
     graphdef, state = nnx.split(model)
-    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.asarray(batch))
+    logits, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.asarray(batch))
     diffs = []
     for row, ids in enumerate(prompts):
         with torch.no_grad():
@@ -312,10 +312,9 @@ def _greedy(model, prompts, max_new, stop_ids, prefill=64):
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def run(state, tokens, positions, cache, offset):
+    def run(state, tokens, positions, cache):
         model = nnx.merge(graphdef, state)
-        logits, cache = model.forward_cached(tokens, positions, cache, offset)
-        return logits, cache
+        return model(tokens, positions, cache=cache)
 
     outs = []
     for ids in prompts:
@@ -324,14 +323,14 @@ def _greedy(model, prompts, max_new, stop_ids, prefill=64):
         tokens[0, :n] = ids
         positions = np.where(np.arange(prefill) < n, np.arange(prefill), -1)[None]
         cache = model.init_cache(1, prefill + max_new)
-        logits, cache = run(state, jnp.asarray(tokens), jnp.asarray(positions), cache, 0)
+        logits, cache = run(state, jnp.asarray(tokens), jnp.asarray(positions), cache)
         nxt, out = int(jnp.argmax(logits[0, n - 1])), []
         for i in range(max_new):
             out.append(nxt)
             if nxt in stop_ids or i == max_new - 1:
                 break
             step = jnp.asarray([[nxt]], jnp.int32)
-            logits, cache = run(state, step, jnp.asarray([[n + i]]), cache, prefill + i)
+            logits, cache = run(state, step, jnp.asarray([[n + i]]), cache)
             nxt = int(jnp.argmax(logits[0, 0]))
         outs.append(out)
     return outs

@@ -137,6 +137,31 @@ def test_fully_masked_rows_are_finite_and_agree():
     ]
     assert all(np.isfinite(np.asarray(o)).all() for o in outs)
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    np.testing.assert_allclose(
+        outs[0][0],
+        jnp.broadcast_to(  # the mean of the values
+            jnp.repeat(v[0].mean(0), N // K, axis=0), outs[0][0].shape
+        ),
+        atol=1e-5,
+    )
+    for impl in ("xla", "xla_chunked"):
+        grads = jax.grad(
+            lambda q, k, v, impl=impl: jnp.sum(
+                dot_product_attention(
+                    q, k, v, kv_lengths=kv_lengths, implementation=impl, block_k=4
+                )
+            ),
+            (0, 1, 2),
+        )(q, k, v)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads), impl
+
+
+def test_default_is_xla_on_this_backend():
+    from jaxeff.nn.attention import IMPLEMENTATIONS, default_implementation
+
+    q, k, _ = qkv()
+    assert IMPLEMENTATIONS == ("xla", "xla_chunked", "cudnn")
+    assert default_implementation(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)) == "xla"
 
 
 @pytest.mark.parametrize(
@@ -152,6 +177,27 @@ def test_bad_arguments_are_one_clear_error(kwargs, match):
     q, k, v = qkv()
     with pytest.raises(ValueError, match=match):
         dot_product_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "t, kwargs, match",
+    [
+        (
+            T,
+            dict(q_segment_ids=jnp.zeros((B, T), int), kv_segment_ids=jnp.zeros((B, S), int)),
+            "no segment ids",
+        ),
+        (T, dict(causal=True), r"top-left.*q_offset=None with T=7, S=11"),
+        (S, dict(causal=True, q_offset=jnp.asarray([0, 3])), r"top-left.*q_offset=\[0, 3\]"),
+        (S, dict(causal=True, q_offset=2), "top-left"),
+    ],
+)
+def test_cudnn_refuses_what_it_cannot_honour_before_tracing(t, kwargs, match):
+    # bf16 inputs: these are checked before jax.nn.dot_product_attention is traced, so they
+    # raise on a CPU jaxlib too (where tracing the cuDNN call itself would fail).
+    q, k, v = (a.astype(jnp.bfloat16) for a in qkv(t=t))
+    with pytest.raises(ValueError, match=match):
+        dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
 
 
 def test_gqa_head_count_error():
@@ -173,13 +219,16 @@ def _fwd_bwd_temp_bytes(impl: str, t: int) -> int:
 def test_chunked_memory_is_linear_in_length():
     xla, chunked = _fwd_bwd_temp_bytes("xla", 8192), _fwd_bwd_temp_bytes("xla_chunked", 8192)
     mib = 2**20
-    print(f"fwd+bwd temp at T=8192: xla {xla / mib:.1f} MiB, xla_chunked {chunked / mib:.1f} MiB")
-    assert chunked <= 0.25 * xla, (xla, chunked)
+    msg = f"fwd+bwd temp at T=8192: xla {xla / mib:.1f} MiB, xla_chunked {chunked / mib:.1f} MiB"
+    print(msg)
+    assert chunked <= 0.25 * xla, msg
 
 
 @pytest.mark.gpu
-def test_cudnn_matches_xla_in_bf16():
+@pytest.mark.parametrize("kv_lengths", [None, np.array([11, 6])])
+def test_cudnn_matches_xla_in_bf16(kv_lengths):
     q, k, v = (a.astype(jnp.bfloat16) for a in qkv(t=S))
-    got = dot_product_attention(q, k, v, causal=True, implementation="cudnn")
-    want = dot_product_attention(q, k, v, causal=True, implementation="xla")
+    kw = dict(causal=True, kv_lengths=None if kv_lengths is None else jnp.asarray(kv_lengths))
+    got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    want = dot_product_attention(q, k, v, implementation="xla", **kw)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)

@@ -28,14 +28,14 @@ def _perturb(model, seed=1):
 
 def test_zero_initialised_b_gives_the_base_model():
     model = _model()
-    base = np.asarray(model(TOKENS))
+    base = np.asarray(model(TOKENS)[0])
     lora.apply_lora(model, lora.LoRAConfig(rank=4, targets=lora.TARGETS))
     adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, lora.LoRALinear)]
     assert len(adapters) == len(lora.TARGETS)
     assert all(np.all(np.asarray(m.lora_b[...]) == 0) for m in adapters)
-    np.testing.assert_array_equal(np.asarray(model(TOKENS)), base)
+    np.testing.assert_array_equal(np.asarray(model(TOKENS)[0]), base)
     _perturb(model)
-    assert np.abs(np.asarray(model(TOKENS)) - base).max() > 1e-3  # adapters do act
+    assert np.abs(np.asarray(model(TOKENS)[0]) - base).max() > 1e-3  # adapters do act
 
 
 def test_lora_linear_is_the_papers_formula():
@@ -58,7 +58,7 @@ def test_merged_and_unmerged_give_the_same_logits():
     _perturb(model)
     merged = lora.merge_lora(model)
     np.testing.assert_allclose(
-        np.asarray(merged(TOKENS)), np.asarray(model(TOKENS)), rtol=1e-5, atol=1e-5
+        np.asarray(merged(TOKENS)[0]), np.asarray(model(TOKENS)[0]), rtol=1e-5, atol=1e-5
     )
     assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
     assert isinstance(merged.blocks.attn.q, Linear)
@@ -80,7 +80,7 @@ def test_adapter_saved_and_reloaded_gives_identical_outputs(tmp_path):
     lora.save_adapter(str(tmp_path / "ad"), model, cfg)
     assert lora.read_adapter_config(str(tmp_path / "ad")) == cfg
     fresh = lora.load_adapter(str(tmp_path / "ad"), _model())
-    np.testing.assert_array_equal(np.asarray(fresh(TOKENS)), np.asarray(model(TOKENS)))
+    np.testing.assert_array_equal(np.asarray(fresh(TOKENS)[0]), np.asarray(model(TOKENS)[0]))
 
     wider = TransformerConfig(
         vocab_size=48, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24

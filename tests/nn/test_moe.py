@@ -12,7 +12,13 @@ import pytest
 from flax import nnx
 
 from jaxeff.nn import moe
-from jaxeff.nn.transformer import Transformer, TransformerConfig, param_logical_axes
+from jaxeff.nn.transformer import (
+    LayerInputs,
+    Transformer,
+    TransformerConfig,
+    forward_with_intermediates,
+    param_logical_axes,
+)
 
 CFG = moe.MoEConfig(num_experts=4, top_k=2, expert_dim=8, min_capacity=1)
 
@@ -211,22 +217,24 @@ def test_decoder_with_moe_every_two_layers():
         # the same layers one by one: dense, MoE (residual), dense, MoE; aux summed
         pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
         cos, sin = model.rope_tables(pos)
+        inputs = LayerInputs(cos, sin, pos, {"mask": causal_mask(9)})
         h = model.embed(tokens)
         dense_def, dense = nnx.split(model.blocks)
         moe_def, moe_p = nnx.split(model.moe_blocks)
         lb = 0.0
         for i in range(2):
             block = nnx.merge(dense_def, jax.tree.map(lambda a, i=i: a[i], dense))
-            h = block(h, cos, sin, causal_mask(9))
+            h = block(h, inputs)
             mb = nnx.merge(moe_def, jax.tree.map(lambda a, i=i: a[i], moe_p))
-            a = h + mb.attn(mb.attn_norm(h), cos, sin, causal_mask(9))
+            a = h + mb.attn(mb.attn_norm(h), inputs)
             n = mb.mlp_norm(a)
             y, layer_aux, _ = moe.moe_apply(mb.moe.params(), n, MCFG.moe, train=False)
             h = a + y + mb.mlp(n)
             lb += layer_aux["load_balance"]
         want = model.logits_from_hidden(model.final_norm(h))
+        logits, _, aux, _ = forward_with_intermediates(model, tokens)
         return (
-            model(tokens),
+            (logits, aux),
             (want, lb),
             model.routing(tokens),
             model.routing(tokens, train=True),

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxeff.nn.attention import dot_product_attention
 from jaxeff.nn.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from jaxeff.nn.transformer import Transformer, TransformerConfig, param_logical_axes
+from jaxeff.nn.transformer import LayerInputs, Transformer, TransformerConfig, param_logical_axes
 
 CFG = TransformerConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 
@@ -38,7 +38,7 @@ def test_attention_matches_plain_numpy(kv_heads):
     k = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
     v = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
     mask = np.tril(np.ones((7, 7), bool))[None, None]
-    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask)
     np.testing.assert_allclose(np.asarray(got), _np_mha(q, k, v), rtol=2e-5, atol=2e-5)
 
 
@@ -51,7 +51,8 @@ def test_gqa_with_kv_heads_equal_heads_is_multi_head_attention():
     block = nnx.merge(nnx.split(model.blocks)[0], attn)
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     cos, sin = rope_cos_sin(pos, rope_inv_freq(cfg.head_dim))
-    got = block.attn(x, cos, sin, jnp.tril(jnp.ones((6, 6), bool))[None, None])
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+    got = block.attn(x, LayerInputs(cos, sin, pos, {"mask": mask}))
     a = block.attn
     q = apply_rope((x @ a.q.kernel[...]).reshape(2, 6, 4, 8), cos, sin)
     k = apply_rope((x @ a.k.kernel[...]).reshape(2, 6, 4, 8), cos, sin)
@@ -65,10 +66,10 @@ def test_gqa_with_kv_heads_equal_heads_is_multi_head_attention():
 def test_causal_masking_future_tokens_never_change_earlier_logits():
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, CFG.vocab_size)
-    base = np.asarray(model(tokens))
+    base = np.asarray(model(tokens)[0])
     for cut in (0, 5, 11):
         changed = tokens.at[:, cut:].set((tokens[:, cut:] + 7) % CFG.vocab_size)
-        out = np.asarray(model(changed))
+        out = np.asarray(model(changed)[0])
         np.testing.assert_array_equal(out[:, :cut], base[:, :cut])
         assert not np.allclose(out[:, cut], base[:, cut])
 
@@ -116,11 +117,11 @@ def test_dropout_only_with_a_key_and_reproducible():
     cfg = dataclasses.replace(CFG, dropout=0.3)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.arange(10)[None] % cfg.vocab_size
-    no_drop = model(tokens)
-    np.testing.assert_array_equal(no_drop, model(tokens))
-    a = model(tokens, dropout_key=jax.random.PRNGKey(1))
-    b = model(tokens, dropout_key=jax.random.PRNGKey(1))
-    c = model(tokens, dropout_key=jax.random.PRNGKey(2))
+    no_drop = model(tokens)[0]
+    np.testing.assert_array_equal(no_drop, model(tokens)[0])
+    a = model(tokens, dropout_key=jax.random.PRNGKey(1))[0]
+    b = model(tokens, dropout_key=jax.random.PRNGKey(1))[0]
+    c = model(tokens, dropout_key=jax.random.PRNGKey(2))[0]
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c) and not np.allclose(a, no_drop)
 
@@ -145,15 +146,16 @@ def test_kv_cache_with_left_padding_matches_full_forward_of_each_row():
         tokens[r, pad[r] :] = row[:n]
         positions[r, pad[r] :] = np.arange(n)
     cache = model.init_cache(2, 12)
-    logits, cache = model.forward_cached(jnp.asarray(tokens), jnp.asarray(positions), cache, 0)
+    logits, cache = model(jnp.asarray(tokens), jnp.asarray(positions), cache=cache)
     got = [[np.asarray(logits[r, -1])] for r in range(2)]
     for step in range(4):
         nxt = np.array([[rows[r][prompt_lens[r] + step]] for r in range(2)], np.int32)
         pos = np.array([[prompt_lens[r] + step] for r in range(2)], np.int32)
-        logits, cache = model.forward_cached(jnp.asarray(nxt), jnp.asarray(pos), cache, 6 + step)
+        assert int(cache.index) == 6 + step
+        logits, cache = model(jnp.asarray(nxt), jnp.asarray(pos), cache=cache)
         for r in range(2):
             got[r].append(np.asarray(logits[r, 0]))
     for r in range(2):
-        full = np.asarray(model(jnp.asarray(rows[r][None, : prompt_lens[r] + 4])))[0]
+        full = np.asarray(model(jnp.asarray(rows[r][None, : prompt_lens[r] + 4]))[0])[0]
         ref = full[prompt_lens[r] - 1 : prompt_lens[r] + 4]
         np.testing.assert_allclose(np.stack(got[r]), ref, rtol=1e-4, atol=1e-4)

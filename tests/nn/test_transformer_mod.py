@@ -15,6 +15,7 @@ from jaxeff.nn.transformer import (
     TransformerConfig,
     cache_bytes,
     convert_to_mod,
+    forward_with_intermediates,
     param_logical_axes,
 )
 
@@ -42,23 +43,33 @@ def _sharpen(model, scale=50.0, bias=0.0):
 
 
 def _jit(model, method="__call__", **kwargs):
-    """``model.method(*args, **kwargs)`` compiled once (eager calls re-trace the layer scan)."""
+    """``model.method(*args, **kwargs, **call_kwargs)`` compiled once (eager calls re-trace the
+    layer scan); ``call_kwargs`` (e.g. ``cache``) are traced arguments."""
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda st, *a: getattr(nnx.merge(graphdef, st), method)(*a, **kwargs))
+    fn = jax.jit(lambda st, *a, **kw: getattr(nnx.merge(graphdef, st), method)(*a, **kwargs, **kw))
+    return lambda *args, **kw: fn(state, *args, **kw)
+
+
+def _jit_intermediates(model, **kwargs):
+    """`forward_with_intermediates` of ``model`` compiled once."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, *a: forward_with_intermediates(nnx.merge(graphdef, st), *a, **kwargs))
     return lambda *args: fn(state, *args)
 
 
-def _decode(model, tokens, prefill, layers=None, cache_len=None):
-    """Prefill ``prefill`` tokens, then decode the rest one at a time (compiled once)."""
+def _decode(model, tokens, prefill, unrolled=False, cache_len=None):
+    """Prefill ``prefill`` tokens, then decode the rest one at a time (compiled once); with
+    ``unrolled`` through the per-layer modules of ``model.unstacked()``."""
     b, s = tokens.shape
-    step = _jit(model, "forward_cached")
+    step = _jit(model.unstacked() if unrolled else model)
     cache = model.init_cache(b, cache_len or s)
     pos = jnp.broadcast_to(jnp.arange(prefill, dtype=jnp.int32), (b, prefill))
-    out, cache = step(tokens[:, :prefill], pos, cache, 0, layers)
+    out, cache = step(tokens[:, :prefill], pos, cache=cache)
     outs = [out]
     for t in range(prefill, s):
+        assert int(cache.index) == t
         pos = jnp.full((b, 1), t, jnp.int32)
-        logits, cache = step(tokens[:, t : t + 1], pos, cache, jnp.int32(t), layers)
+        logits, cache = step(tokens[:, t : t + 1], pos, cache=cache)
         outs.append(logits)
     return jnp.concatenate(outs, axis=1), cache
 
@@ -105,7 +116,7 @@ def test_topk_routes_exactly_k_per_row_and_returns_aux_losses():
     info = _jit(model, "mod_routing")(tokens)
     assert info["mask"].shape == (cfg.n_mod_layers, 2, S)
     np.testing.assert_array_equal(np.asarray(info["mask"]).sum(-1), 3)  # floor(0.25 * 12)
-    logits, aux = _jit(model)(tokens)
+    logits, _, aux, _ = _jit_intermediates(model)(tokens)
     assert logits.shape == (2, S, CFG.vocab_size)
     assert set(aux) == {"mod_router_bce", "mod_predictor_bce"}
     assert all(np.isfinite(float(v)) and float(v) > 0 for v in aux.values())
@@ -121,7 +132,7 @@ def test_routed_layer_equals_numpy_layer_on_gathered_tokens_and_skipped_are_iden
     x = np.asarray(model.embed(tokens))
     params = jax.tree.map(lambda a: a[0], nnx.to_pure_dict(nnx.state(model.mod_blocks)))
     mask = np.asarray(model.mod_routing(tokens)["mask"])[0]
-    out_x = model.hidden_states(tokens)  # after the final norm
+    out_x = model(tokens, return_hidden=True)[0]  # after the final norm
     logits_r = (
         x @ np.asarray(params["router"]["kernel"])[:, 0] + np.asarray(params["router"]["bias"])[0]
     )
@@ -146,7 +157,7 @@ def test_converted_model_with_everything_routed_equals_dense(dense):
     _sharpen(mod, 1.0, bias=30.0)  # sigmoid(> 20) > 0: every token runs every layer
     tokens = _tokens()
     assert bool(np.asarray(mod.mod_routing(tokens)["mask"]).all())
-    np.testing.assert_allclose(np.asarray(mod(tokens)[0]), np.asarray(dense(tokens)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(mod(tokens)[0]), np.asarray(dense(tokens)[0]), atol=1e-5)
 
 
 def test_skipping_everything_equals_the_dense_layers_alone(dense):
@@ -161,7 +172,9 @@ def test_skipping_everything_equals_the_dense_layers_alone(dense):
     state = nnx.state(shallow)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(shallow, state)
-    np.testing.assert_allclose(np.asarray(mod(tokens)[0]), np.asarray(shallow(tokens)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(mod(tokens)[0]), np.asarray(shallow(tokens)[0]), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(("cache_fraction", "unrolled"), [(1.0, False), (0.5, True)])
@@ -172,8 +185,7 @@ def test_threshold_decode_with_kv_cache_equals_full_forward(dense, cache_fractio
     full, _ = _jit(model)(tokens)
     routed = np.asarray(_jit(model, "mod_routing")(tokens)["mask"])
     assert 0 < routed.mean() < 1  # a real mix of computed and skipped tokens
-    layers = model.unstack_layers() if unrolled else None
-    decoded, cache = _decode(model, tokens, prefill=4, layers=layers)
+    decoded, cache = _decode(model, tokens, prefill=4, unrolled=unrolled)
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=1e-4, atol=1e-5)
     # each routed layer's cache holds exactly the tokens it computed, at their positions
     count = np.asarray(cache.routed_count)
@@ -192,7 +204,7 @@ def test_threshold_decode_with_kv_cache_equals_full_forward(dense, cache_fractio
 def test_topk_predictor_decode_equals_causal_forward():
     cfg = dataclasses.replace(CFG, mod=ModConfig(router="topk", capacity=0.25, predictor_hidden=8))
     model = Transformer(cfg, rngs=nnx.Rngs(3))
-    last = model.mod_blocks.predictor.layers[2]
+    last = model.mod_blocks.router.predictor.layers[2]
     last.kernel[...] = last.kernel[...] * 400.0  # mixed decisions from a random predictor
     tokens = _tokens(seed=4)
     routed = np.asarray(_jit(model, "mod_routing", causal=True)(tokens)["mask"])
@@ -230,7 +242,7 @@ def test_gradients_reach_the_router_and_axes_cover_routed_params():
     tokens = _tokens()
 
     def loss(p):
-        logits, aux = nnx.merge(graphdef, p)(tokens)
+        logits, _, aux, _ = forward_with_intermediates(nnx.merge(graphdef, p), tokens)
         return jnp.mean(logits**2) + sum(aux.values())
 
     grads = jax.jit(jax.grad(loss))(params)

@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from jaxeff.nn import videollm
-from jaxeff.nn.attention import causal_mask
 from jaxeff.nn.rope import rope_cos_sin, rope_frequencies
-from jaxeff.nn.transformer import Block
+from jaxeff.nn.transformer import Block, LayerInputs
 
 # 3 frames of 8x16 pixels, 4x4 patches: 8 vision tokens per frame
 CFG = videollm.VideoLLMConfig(
@@ -97,7 +96,7 @@ def _block(seed=0):
 
     def block_fn(xs, ps):
         cos, sin = rope_cos_sin(ps, inv_freq, factor)
-        return block(xs, cos, sin, causal_mask(xs.shape[1]))
+        return block(xs, LayerInputs(cos, sin, ps, {"causal": True}))
 
     return block_fn
 
@@ -186,8 +185,8 @@ def test_router_trained_only_when_routing():
 
         return jax.jit(jax.grad(loss))(PARAMS)
 
-    assert np.all(np.asarray(grads(None)["router_w"][...]) == 0)
-    assert np.any(np.asarray(grads(0.25)["router_w"][...]) != 0)
+    assert np.all(np.asarray(grads(None)["routers"]["kernel"][...]) == 0)
+    assert np.any(np.asarray(grads(0.25)["routers"]["kernel"][...]) != 0)
 
 
 def test_caption_nll_matches_numpy():

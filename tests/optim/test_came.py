@@ -8,8 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeff.optim import came, scale_by_came
-from jaxeff.optim.came import ScaleByCameState
+from jaxeff.optim import ScaleByCameState, came, scale_by_came
 
 SHAPES = [(7,), (5, 3), (6, 1), (1, 5), (4, 6, 8), (3, 4, 5, 6)]
 STEPS = 50

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeff.optim.helen import feature_counts, helen, param_path, scale_by_helen
+from jaxeff.optim import feature_counts, helen, param_path, scale_by_helen
 
 RHO, BOUND, B1, B2, EPS, WD = 0.07, 0.3, 0.9, 0.999, 1e-8, 0.01
 

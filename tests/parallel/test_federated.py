@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = simulated_devices_xla_flags(4)
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
-    from jaxeff.nn import embeddings as emb
+    from jaxeff.parallel import dept as emb
     from jaxeff.nn.transformer import Transformer, TransformerConfig
     from jaxeff.parallel import federated as fed
     from jaxeff.parallel.mesh import make_mesh

@@ -49,7 +49,7 @@ def tiny_llama():
     # two total lengths (7 and 11), so the unpadded reference compiles twice
     prompts = [list(rng.integers(1, 37, size=n)) for n in (6, 4, 10)]
     answers = [list(rng.integers(1, 37, size=n)) for n in (1, 3, 1)]
-    forward = nnx.jit(lambda m, tokens: m(tokens))
+    forward = nnx.jit(lambda m, tokens: m(tokens)[0])
     logps = []
     for p, a in zip(prompts, answers, strict=True):
         logits = np.asarray(forward(model, jnp.asarray([p + a], jnp.int32))[0], np.float64)

@@ -79,7 +79,7 @@ def test_packed_rows_give_each_example_its_own_loss(tokenizer):
 
     nll_sum, count = 0.0, 0
     for ids, mask in examples:
-        logits = np.asarray(model(jnp.asarray(ids[None, :-1])))[0].astype(np.float64)
+        logits = np.asarray(model(jnp.asarray(ids[None, :-1]))[0])[0].astype(np.float64)
         shifted = logits - logits.max(-1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
         for t in range(len(ids) - 1):

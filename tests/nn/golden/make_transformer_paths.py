@@ -1,17 +1,34 @@
-"""Golden outputs of the pre-refactor decoder paths (git a433a73), for tests/nn/test_one_forward.py."""
-import dataclasses, sys
-import jax, jax.numpy as jnp, numpy as np
+"""Golden outputs of the pre-refactor decoder paths (git a433a73) for test_one_forward.py.
+
+Run against a checkout of a433a73: ``python make_transformer_paths.py transformer_paths.npz``.
+"""
+
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
 import jaxeff.nn.transformer as T
-print(T.__file__)
 from jaxeff.nn.mod import ModConfig
 from jaxeff.nn.moe import MoEConfig
-base = T.TransformerConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+
+base = T.TransformerConfig(
+    vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64
+)
 cfgs = {
- "dense": base,
- "moe": dataclasses.replace(base, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, every=2, min_capacity=1)),
- "mod_threshold": dataclasses.replace(base, mod=ModConfig(router="threshold", p=0.5, every=2, cache_fraction=0.75, keep_first=1)),
- "mod_topk": dataclasses.replace(base, mod=ModConfig(router="topk", capacity=0.5, every=2, predictor_hidden=8)),
+    "dense": base,
+    "moe": dataclasses.replace(
+        base, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, every=2, min_capacity=1)
+    ),
+    "mod_threshold": dataclasses.replace(
+        base, mod=ModConfig(router="threshold", p=0.5, every=2, cache_fraction=0.75, keep_first=1)
+    ),
+    "mod_topk": dataclasses.replace(
+        base, mod=ModConfig(router="topk", capacity=0.5, every=2, predictor_hidden=8)
+    ),
 }
 rng = np.random.default_rng(0)
 tokens = rng.integers(0, 64, (2, 12)).astype(np.int32)
@@ -44,9 +61,12 @@ for name, cfg in cfgs.items():
         res = model(jnp.asarray(tokens), causal_routing=True)
         out["mod_topk/causal_logits"] = np.asarray(res[0])
     # left-padded prefill of 8 slots (row 1 has 5 tokens) then 4 decode steps
-    prompt = np.zeros((2, 8), np.int32); pos = np.full((2, 8), -1, np.int32)
-    prompt[0] = tokens[0, :8]; pos[0] = np.arange(8)
-    prompt[1, 3:] = tokens[1, :5]; pos[1, 3:] = np.arange(5)
+    prompt = np.zeros((2, 8), np.int32)
+    pos = np.full((2, 8), -1, np.int32)
+    prompt[0] = tokens[0, :8]
+    pos[0] = np.arange(8)
+    prompt[1, 3:] = tokens[1, :5]
+    pos[1, 3:] = np.arange(5)
     cache = model.init_cache(2, 16)
     logits, cache = model.forward_cached(jnp.asarray(prompt), jnp.asarray(pos), cache, 0)
     steps = [np.asarray(logits)]
@@ -62,6 +82,7 @@ for name, cfg in cfgs.items():
     cache = model.init_cache(2, 16)
     logits, cache = model.forward_cached(jnp.asarray(prompt), jnp.asarray(pos), cache, 0, layers)
     np.testing.assert_allclose(np.asarray(logits), steps[0], atol=1e-5)
-out["prompt"] = prompt; out["prompt_positions"] = pos
+out["prompt"] = prompt
+out["prompt_positions"] = pos
 np.savez_compressed(sys.argv[1], **out)
 print(len(out), sum(v.nbytes for v in out.values()))

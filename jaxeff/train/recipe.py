@@ -1,0 +1,440 @@
+"""The language-model training recipe that jaxeff's experiments share.
+
+One decoder (`jaxeff.nn.transformer.Transformer`, configured by a
+`jaxeff.nn.config.TransformerConfig`), next-token cross-entropy (`causal_lm_loss`), AdamW with a
+warmup-cosine schedule and global-norm clipping (`OptimConfig.build`), packed windows of the
+embedded corpora (`DataConfig`, `jaxeff.data.packing.build_lm_data`), the loop of
+`jaxeff.train.loop.fit` (`TrainConfig.loop`), and optionally a named mesh (`place`):
+
+    cfg = LMConfig(model=TransformerConfig(dim=256, n_layers=4))
+    run = build(cfg)                    # LMRun: data, model_cfg, graphdef, state, steps
+    trained = fit_lm(cfg, "runs/x")     # the same, placed on cfg.mesh and trained
+    model, tokenizer = load_run("runs/x")
+
+The model's vocabulary comes from the tokenizer: `LMConfig.model_for` (and `model_for_data`)
+put the data's vocabulary size and ``data.seq_len`` into the model config, and refuse a
+``model.vocab_size`` that disagrees with the data (the knob is ``data.vocab_size``).
+
+The configs are plain frozen dataclasses and this module imports jax only inside its
+functions, so an experiment can embed them (``--set model.n_layers=6``) and ``jaxeff list``
+stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from jaxeff.nn.config import TransformerConfig
+from jaxeff.parallel.mesh_config import MeshConfig
+
+_DEFAULT_VOCAB = TransformerConfig.__dataclass_fields__["vocab_size"].default
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Packed windows of the embedded corpora (`jaxeff.data.packing.build_lm_data`)."""
+
+    corpora: tuple[str, ...] = ("prose", "python")
+    silos: tuple[str, ...] | None = None
+    vocab_size: int = 4096  # requested BPE vocabulary; the model gets the tokenizer's size
+    seq_len: int = 128
+    max_bytes: int | None = 3_000_000
+    val_fraction: float = 0.05
+
+
+OPTIMIZERS = ("adamw", "came", "adafactor")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """``name`` (AdamW by default; CAME, `jaxeff.optim.came`; or optax's Adafactor) with linear
+    warmup then cosine decay to 10% of the peak, after global-norm clipping (``clip_norm``
+    None: no clipping). ``b1``, ``b2`` are AdamW's; CAME and Adafactor keep their defaults."""
+
+    name: str = "adamw"
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float | None = 1.0
+
+    def schedule(self, steps: int, peak: float | None = None):
+        """The learning rate per step: 0 -> ``peak`` (default ``learning_rate``) over
+        ``warmup_steps``, cosine to ``0.1 peak`` at ``steps``."""
+        import optax
+
+        peak = self.learning_rate if peak is None else peak
+        return optax.warmup_cosine_decay_schedule(
+            0.0,
+            peak,
+            max(self.warmup_steps, 1),
+            max(steps, self.warmup_steps + 1),
+            end_value=peak * 0.1,
+        )
+
+    def clipped(self, tx):
+        """``tx`` after global-norm clipping at ``clip_norm`` (``tx`` itself when None)."""
+        import optax
+
+        if self.clip_norm is None:
+            return tx
+        return optax.chain(optax.clip_by_global_norm(self.clip_norm), tx)
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name={self.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+    def build(self, steps: int):
+        """The optax transformation of a run of ``steps`` steps."""
+        import optax
+
+        schedule = self.schedule(steps)
+        if self.name == "came":
+            from jaxeff.optim import came
+
+            return self.clipped(came(schedule, weight_decay=self.weight_decay))
+        if self.name == "adafactor":
+            return self.clipped(optax.adafactor(schedule))
+        adamw = optax.adamw(schedule, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+        return self.clipped(adamw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Batch size, length and cadence of a run; `loop` gives `jaxeff.train.loop.LoopConfig`."""
+
+    batch_size: int = 16
+    steps: int = 150
+    log_every: int = 5
+    eval_every: int = 50
+    eval_batches: int = 16
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    progress: bool = True
+    # the global batch is read as this many grain shards (0: one per process); runs with the
+    # same value see the same batches whatever the number of processes
+    data_shards: int = 0
+
+    def loop(self, **overrides):
+        """The `LoopConfig` of these steps and cadences (``overrides`` replace fields)."""
+        from jaxeff.train.loop import LoopConfig
+
+        fields = {
+            "steps": self.steps,
+            "log_every": self.log_every,
+            "eval_every": self.eval_every,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "progress": self.progress,
+        }
+        return LoopConfig(**{**fields, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """A whole run. ``model`` defaults to the ``lm`` experiment's cpu decoder (width 512, 4
+    layers, 8 heads, SwiGLU 1408, tied embeddings); its ``vocab_size`` and ``max_seq_len``
+    come from the data (`model_for`)."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: TransformerConfig = TransformerConfig.lm_cpu()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def model_for(self, vocab_size: int) -> TransformerConfig:
+        """``model`` with the tokenizer's ``vocab_size`` and ``max_seq_len = data.seq_len``."""
+        return model_for_data(
+            self.model, vocab_size, self.data.seq_len, requested_vocab=self.data.vocab_size
+        )
+
+
+def model_for_data(
+    model: TransformerConfig,
+    vocab_size: int,
+    seq_len: int,
+    *,
+    requested_vocab: int | None = None,
+    vocab_knob: str = "data.vocab_size",
+    model_knob: str = "model",
+) -> TransformerConfig:
+    """``model`` with ``vocab_size`` (the tokenizer's) and ``max_seq_len = seq_len``.
+
+    The vocabulary has one knob, the data's (``vocab_knob``): a ``model.vocab_size`` left at
+    its default is replaced; one set to anything but the data's requested (``requested_vocab``)
+    or actual size is a ValueError naming the knob.
+    """
+    allowed = {_DEFAULT_VOCAB, vocab_size, requested_vocab}
+    if model.vocab_size not in allowed:
+        raise ValueError(
+            f"{model_knob}.vocab_size={model.vocab_size} disagrees with the data: the "
+            f"tokenizer has {vocab_size} tokens. The vocabulary size comes from the data; set "
+            f"{vocab_knob} instead (and leave {model_knob}.vocab_size at its default)"
+        )
+    return dataclasses.replace(model, vocab_size=vocab_size, max_seq_len=seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def build_data(d: DataConfig, seed: int):
+    """`jaxeff.data.packing.LMData` of ``d`` (the split seeded by ``seed``)."""
+    from jaxeff.data.packing import build_lm_data
+
+    return build_lm_data(
+        corpora=d.corpora,
+        silos=d.silos,
+        vocab_size=d.vocab_size,
+        seq_len=d.seq_len,
+        max_bytes=d.max_bytes,
+        val_fraction=d.val_fraction,
+        seed=seed,
+    )
+
+
+def check_batch_size(data, batch_size: int, knob: str = "train.batch_size") -> None:
+    """ValueError naming ``knob`` when a batch needs more windows than the training split."""
+    if batch_size > len(data.train):
+        raise ValueError(
+            f"{knob}={batch_size} exceeds the {len(data.train)} training windows; lower it or "
+            "raise data.max_bytes"
+        )
+
+
+def val_batches(data, batch_size: int, max_batches: int):
+    """Sequential validation batches (fixed order, at most ``max_batches``)."""
+    import numpy as np
+
+    n = len(data.val)
+    bs = min(batch_size, n)
+    for b in range(min(max_batches, n // bs)):
+        yield {"tokens": np.stack([data.val[i]["tokens"] for i in range(b * bs, (b + 1) * bs)])}
+
+
+def train_loader(source, cfg_train: TrainConfig, seed: int):
+    """The grain loader of this process: its ``data_shards / processes`` shards of the global
+    batch (`jaxeff.data.shards`); one shard is the plain loader."""
+    import jax
+
+    from jaxeff.data.packing import make_loader
+    from jaxeff.data.shards import ShardedLoader
+
+    shards = cfg_train.data_shards or jax.process_count()
+    if shards == 1:
+        return make_loader(source, cfg_train.batch_size, seed=seed)
+    return ShardedLoader(
+        source, cfg_train.batch_size, seed, shards, jax.process_index(), jax.process_count()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# placement on a mesh
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a run's arrays live: ``mesh`` is None on one device (nothing is placed)."""
+
+    mesh: object = None
+    state: object = None  # TrainState of NamedShardings
+    batch: object = None  # {"tokens": NamedSharding}
+
+    def train_batch(self, batch):
+        """This process's rows -> global arrays (a no-op without a mesh)."""
+        from jaxeff.parallel.mesh import host_local_to_global
+
+        return batch if self.mesh is None else host_local_to_global(batch, self.batch)
+
+    def eval_batch(self, batch):
+        """A batch every process holds whole -> global arrays."""
+        from jaxeff.parallel.mesh import global_from_replicated
+
+        return batch if self.mesh is None else global_from_replicated(batch, self.batch)
+
+    @property
+    def step_shardings(self):
+        from jaxeff.train.loop import StepShardings
+
+        return None if self.mesh is None else StepShardings(self.state, self.batch)
+
+
+def place(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int):
+    """The train state placed on the mesh of ``mesh_cfg`` and the run's `Placement`.
+
+    A trivial mesh in a single process places nothing. Otherwise every process holds the
+    same initial state on the host and places the slices its devices own.
+    """
+    import jax
+    import numpy as np
+
+    from jaxeff.parallel import mesh as mesh_lib
+    from jaxeff.train.state import train_state_shardings
+
+    if mesh_cfg.is_trivial and jax.process_count() == 1:
+        return state, Placement()
+    mesh = mesh_lib.mesh_from_config(mesh_cfg)
+    pieces = mesh_lib.batch_shard_count(mesh)
+    if batch_size % pieces:
+        raise ValueError(
+            f"train.batch_size={batch_size} must divide by the mesh's batch axes data x fsdp "
+            f"= {pieces}"
+        )
+    if pieces % jax.process_count():
+        raise ValueError(
+            f"mesh data x fsdp = {pieces} must divide by the process count "
+            f"{jax.process_count()}: each process feeds its own rows of the batch"
+        )
+    shardings = train_state_shardings(state, param_axes, mesh)
+    state = mesh_lib.global_from_replicated(jax.device_get(state), shardings)
+    example = {"tokens": np.zeros((batch_size, seq_len + 1), np.int32)}
+    return state, Placement(mesh, shardings, mesh_lib.batch_shardings(example, mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# building and training a run
+
+
+def init_model(model_cfg: TransformerConfig, seed: int):
+    """``(graphdef, params)`` of a Transformer, initialised under one ``jit`` (eager
+    initialisation compiles one small program per parameter shape)."""
+    import jax
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    params = jax.jit(lambda: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))[1])()
+    return graphdef, params
+
+
+@dataclasses.dataclass
+class LMRun:
+    """What `build` makes of an `LMConfig`: the data (`jaxeff.data.packing.LMData`), the
+    resolved model config, the model's graphdef, the initial `TrainState`, the optax
+    transformation and the jitted train and eval steps (`jaxeff.train.loop`)."""
+
+    data: Any
+    model_cfg: TransformerConfig
+    graphdef: Any
+    state: Any
+    tx: Any
+    train_step: Any
+    eval_step: Any
+
+
+def build(cfg: LMConfig, data=None) -> LMRun:
+    """The data, model, initial train state and step functions of a run (unsharded; `place_run`
+    puts them on ``cfg.mesh``). ``data``: already built `LMData` of ``cfg.data``."""
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.loop import make_eval_step, make_train_step
+    from jaxeff.train.losses import causal_lm_loss
+    from jaxeff.train.state import create_train_state
+
+    data = build_data(cfg.data, cfg.seed) if data is None else data
+    model_cfg = cfg.model_for(data.vocab_size)
+    graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=cfg.seed)))
+    tx = cfg.optim.build(cfg.train.steps)
+    state = create_train_state(params, tx, cfg.seed)
+    train_step = make_train_step(graphdef, tx, causal_lm_loss)
+    eval_step = make_eval_step(graphdef, causal_lm_loss)
+    return LMRun(data, model_cfg, graphdef, state, tx, train_step, eval_step)
+
+
+def place_run(run: LMRun, cfg: LMConfig) -> tuple[LMRun, Placement]:
+    """``run`` with its state on ``cfg.mesh`` and steps compiled for it, and the `Placement`
+    (``run`` itself on one device)."""
+    from jaxeff.nn.transformer import param_logical_axes
+    from jaxeff.train.loop import make_eval_step, make_train_step
+    from jaxeff.train.losses import causal_lm_loss
+
+    t = cfg.train
+    axes = param_logical_axes(run.state.params)
+    state, where = place(cfg.mesh, run.state, axes, t.batch_size, cfg.data.seq_len)
+    if where.mesh is None:
+        return run, where
+    shardings = where.step_shardings
+    train_step = make_train_step(run.graphdef, run.tx, causal_lm_loss, shardings=shardings)
+    eval_step = make_eval_step(run.graphdef, causal_lm_loss, shardings=shardings)
+    return dataclasses.replace(run, state=state, train_step=train_step, eval_step=eval_step), where
+
+
+@dataclasses.dataclass
+class TrainedLM:
+    """`fit_lm`'s result: the (placed) run, its final state and every metric record."""
+
+    run: LMRun
+    state: Any
+    records: list
+    placement: Placement
+
+
+def fit_lm(cfg: LMConfig, workdir: str, resume: bool = False) -> TrainedLM:
+    """Builds the run of ``cfg``, places it on ``cfg.mesh`` and trains it with
+    `jaxeff.train.loop.fit` under ``workdir`` (metrics, checkpoints with the config in their
+    metadata, ``tokenizer.json``), evaluating on `val_batches`."""
+    import jax
+
+    from jaxeff import config as config_lib
+    from jaxeff.train.loop import evaluate, fit
+
+    os.makedirs(workdir, exist_ok=True)
+    run = build(cfg)
+    t = cfg.train
+    check_batch_size(run.data, t.batch_size)
+    run, where = place_run(run, cfg)
+    loader = train_loader(run.data.train, t, cfg.seed)
+
+    def eval_fn(params):
+        batches = val_batches(run.data, t.batch_size, t.eval_batches)
+        return evaluate(run.eval_step, params, map(where.eval_batch, batches))
+
+    meta = {"config": config_lib.to_dict(cfg), "vocab_size": run.data.vocab_size}
+    if jax.process_index() == 0:
+        run.data.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    state, records = fit(
+        run.state,
+        run.train_step,
+        loader,
+        workdir,
+        t.loop(),
+        eval_fn=eval_fn,
+        resume=resume,
+        meta=meta,
+        to_device=where.train_batch if where.mesh is not None else None,
+    )
+    return TrainedLM(run, state, records, where)
+
+
+def load_run(workdir: str, step: int | None = None):
+    """``(model, tokenizer)``: the trained model of a `fit_lm` run directory (the newest
+    checkpoint, or ``step``) and its tokenizer."""
+    import jax
+    from flax import nnx
+    from tokenizers import Tokenizer
+
+    from jaxeff import config as config_lib
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.checkpoint import Checkpointer
+    from jaxeff.train.state import create_train_state
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        meta = ckpt.restore_meta(step)
+        cfg = config_lib.from_dict(LMConfig, meta["config"])
+        tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.json"))
+        model_cfg = cfg.model_for(meta["vocab_size"])
+        abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(abstract)
+        tx = cfg.optim.build(cfg.train.steps)
+        abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx, 0), params)
+        state, _, _ = ckpt.restore(abstract_state, step)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, jax.device_get(state.params)), tokenizer
