@@ -39,6 +39,7 @@ import json
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.nn.config import Seq2SeqConfig
 
 ADAPT_DOMAINS = ("year", "ordinal", "currency")
 
@@ -49,11 +50,10 @@ class KnnMTConfig:
     domain_pairs: int = 1000  # per adaptation domain: datastore / dev / test
     datastore_frac: float = 0.6
     dev_frac: float = 0.2
-    max_len: int = 24
-    dim: int = 128
-    n_heads: int = 4
-    ffn_dim: int = 256
-    layers: int = 2
+    # the encoder-decoder; its vocabulary sizes come from the data's word vocabularies
+    model: Seq2SeqConfig = Seq2SeqConfig(
+        dim=128, n_heads=4, ffn_dim=256, enc_layers=2, dec_layers=2, max_len=24
+    )
     steps: int = 400
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -78,10 +78,9 @@ def get_knn_config(preset: str) -> KnnMTConfig:
         return KnnMTConfig(
             train_pairs=300,
             domain_pairs=60,
-            dim=32,
-            n_heads=2,
-            ffn_dim=64,
-            layers=1,
+            model=Seq2SeqConfig(
+                dim=32, n_heads=2, ffn_dim=64, enc_layers=1, dec_layers=1, max_len=24
+            ),
             steps=30,
             gate_steps=20,
             decode_batch=32,
@@ -109,7 +108,7 @@ def run_knn_mt(cfg: KnnMTConfig, workdir: str | None = None, resume: bool = Fals
 
     from jaxeff.data import translation as tr
     from jaxeff.infer import knnmt
-    from jaxeff.nn.seq2seq import Seq2Seq, Seq2SeqConfig
+    from jaxeff.nn.seq2seq import Seq2Seq
     from jaxeff.train.metrics import MetricsWriter
 
     for d in cfg.domains:
@@ -132,18 +131,16 @@ def run_knn_mt(cfg: KnnMTConfig, workdir: str | None = None, resume: bool = Fals
     tgt_vocab = tr.WordVocab(t for _, t in every)
 
     def enc(pairs):
-        return tr.encode_pairs(pairs, src_vocab, tgt_vocab, cfg.max_len)
+        return tr.encode_pairs(pairs, src_vocab, tgt_vocab, cfg.model.max_len)
 
-    mcfg = Seq2SeqConfig(
-        src_vocab=len(src_vocab),
-        tgt_vocab=len(tgt_vocab),
-        dim=cfg.dim,
-        n_heads=cfg.n_heads,
-        ffn_dim=cfg.ffn_dim,
-        enc_layers=cfg.layers,
-        dec_layers=cfg.layers,
-        max_len=cfg.max_len,
-    )
+    default = Seq2SeqConfig()
+    for knob, size in (("src_vocab", len(src_vocab)), ("tgt_vocab", len(tgt_vocab))):
+        if getattr(cfg.model, knob) not in (getattr(default, knob), size):
+            raise ValueError(
+                f"model.{knob}={getattr(cfg.model, knob)} disagrees with the data's word "
+                f"vocabulary of {size}; leave it at its default (it comes from the data)"
+            )
+    mcfg = dataclasses.replace(cfg.model, src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab))
     model = Seq2Seq(mcfg, rngs=nnx.Rngs(cfg.seed))
     losses = knnmt.train_nmt(
         model,

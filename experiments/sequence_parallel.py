@@ -47,6 +47,7 @@ import os
 import sys
 
 from jaxeff.experiment import Experiment
+from jaxeff.nn.config import VideoDenoiserConfig
 
 METHODS = ("dsp", "ulysses", "ring", "megatron")
 DEVICES = 8
@@ -68,13 +69,9 @@ class BenchConfig:
 class TrainConfig:
     clips: int = 256
     val_clips: int = 32
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    patch: int = 4
-    dim: int = 64
-    heads: int = 4
-    depth: int = 2
+    model: VideoDenoiserConfig = VideoDenoiserConfig(
+        frames=8, height=32, width=32, patch=4, dim=64, heads=4, depth=2
+    )
     batch: int = 8
     steps: int = 300
     lr: float = 1e-3
@@ -91,7 +88,11 @@ def get_bench_config(preset: str) -> BenchConfig:
 def get_train_config(preset: str) -> TrainConfig:
     if preset == "smoke":
         return TrainConfig(
-            clips=8, val_clips=4, height=16, width=16, dim=16, depth=1, batch=4, steps=3
+            clips=8,
+            val_clips=4,
+            model=VideoDenoiserConfig(frames=8, height=16, width=16, patch=4, dim=16, depth=1),
+            batch=4,
+            steps=3,
         )
     return TrainConfig()
 
@@ -254,8 +255,9 @@ def _plot_bench(by_n: dict, path: str) -> None:
 def _clips(cfg: TrainConfig, n: int, start: int):
     from jaxeff.data.video import make_clips
 
+    m = cfg.model
     frames, _ = make_clips(
-        n, frames=cfg.frames, height=cfg.height, width=cfg.width, seed=cfg.seed, start=start
+        n, frames=m.frames, height=m.height, width=m.width, seed=cfg.seed, start=start
     )
     return 2.0 * frames - 1.0  # [0, 1] -> [-1, 1], the usual diffusion range
 
@@ -271,21 +273,13 @@ def train_on_devices(cfg: TrainConfig) -> dict:
     from flax import nnx
     from tqdm import tqdm
 
-    from jaxeff.nn.video import VideoDenoiser, VideoDenoiserConfig, denoising_loss
+    from jaxeff.nn.video import VideoDenoiser, denoising_loss
     from jaxeff.parallel import sequence as sq
     from jaxeff.train.loop import StepShardings, make_train_step
     from jaxeff.train.losses import LossOutput
     from jaxeff.train.state import create_train_state
 
-    mcfg = VideoDenoiserConfig(
-        frames=cfg.frames,
-        height=cfg.height,
-        width=cfg.width,
-        patch=cfg.patch,
-        dim=cfg.dim,
-        heads=cfg.heads,
-        depth=cfg.depth,
-    )
+    mcfg = cfg.model
     train = _clips(cfg, cfg.clips, 0)
     val = _clips(cfg, cfg.val_clips, cfg.clips)
     graphdef, init = nnx.split(VideoDenoiser(mcfg, rngs=nnx.Rngs(cfg.seed)))
@@ -298,7 +292,7 @@ def train_on_devices(cfg: TrainConfig) -> dict:
     )
     blocks = {
         "single": None,
-        "dsp": functools.partial(sq.dsp_block, mesh=mesh, heads=cfg.heads),
+        "dsp": functools.partial(sq.dsp_block, mesh=mesh, heads=mcfg.heads),
     }
     val_key = jax.random.key(cfg.seed + 7)
 
@@ -382,8 +376,7 @@ def train_on_devices(cfg: TrainConfig) -> dict:
 def run_train(cfg: TrainConfig, workdir: str | None = None, resume: bool = False) -> dict:
     if not 1 <= cfg.devices <= DEVICES:
         raise ValueError(f"devices = {cfg.devices} must be in 1..{DEVICES}")
-    patches = (cfg.height // cfg.patch) * (cfg.width // cfg.patch)
-    for name, size in (("frames", cfg.frames), ("patches per frame", patches)):
+    for name, size in (("frames", cfg.model.frames), ("patches per frame", cfg.model.patches)):
         if size % cfg.devices:
             raise ValueError(
                 f"{name} = {size} does not divide over devices = {cfg.devices} (DSP shards "

@@ -2,14 +2,23 @@
 RoPE and its context extensions, LoRA, CLIP, CTR models, seq2seq and video encoders.
 
 Everything loads on first use: ``import jaxeff.nn`` and ``jaxeff.nn.config`` (the jax-free
-`TransformerConfig`, `MoEConfig`, `ModConfig`, `RopeScaling`, `VideoLLMConfig`) do not import
-jax; reading ``jaxeff.nn.Transformer`` imports `jaxeff.nn.transformer`.
+`TransformerConfig`, `MoEConfig`, `ModConfig`, `RopeScaling` and the configs of the video-LLM,
+the video denoiser and the encoder-decoder) do not import jax; reading
+``jaxeff.nn.Transformer`` imports `jaxeff.nn.transformer`.
 """
 
 from jaxeff._lazy import attach as _attach
 
 _EXPORTS = {
-    "config": ("ModConfig", "MoEConfig", "RopeScaling", "TransformerConfig", "VideoLLMConfig"),
+    "config": (
+        "ModConfig",
+        "MoEConfig",
+        "RopeScaling",
+        "Seq2SeqConfig",
+        "TransformerConfig",
+        "VideoDenoiserConfig",
+        "VideoLLMConfig",
+    ),
     "transformer": ("KVCache", "Transformer"),
 }
 

@@ -1,12 +1,13 @@
-"""Configurations of jaxeff's decoder and its routed layers, free of jax.
+"""Configurations of jaxeff's models, free of jax.
 
 `TransformerConfig` (a Llama-style decoder), `MoEConfig` (OpenMoE FFN layers), `ModConfig`
 (Mixture-of-Depths / MoDification routed layers), `RopeScaling` (PI, NTK, YaRN, Llama 3
-context extension) and `VideoLLMConfig` (VideoLLM-MoD's clips and decoder) are frozen
-dataclasses of plain Python values: experiments embed them in their own configs (``--set
-model.n_layers=6``), and ``import jaxeff.nn.config`` does not import jax, so a launcher can
-read and validate a run's configuration before any device starts.
-Anything that needs jax (``compute_dtype``) imports it inside.
+context extension), `VideoLLMConfig` (VideoLLM-MoD's clips and decoder),
+`VideoDenoiserConfig` (the DSP spatial-temporal denoiser) and `Seq2SeqConfig` (kNN-MT's
+encoder-decoder) are frozen dataclasses of plain Python values: experiments embed them in
+their own configs (``--set model.n_layers=6``), and ``import jaxeff.nn.config`` does not
+import jax, so a launcher can read and validate a run's configuration before any device
+starts. Anything that needs jax (``compute_dtype``) imports it inside.
 """
 
 from __future__ import annotations
@@ -501,3 +502,52 @@ class VideoLLMConfig:
             ffn_dim=self.ffn_dim,
             max_seq_len=self.seq_len,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDenoiserConfig:
+    """Shape of :class:`VideoDenoiser`: clips ``[B, frames, height, width, channels]``."""
+
+    frames: int = 8
+    height: int = 16
+    width: int = 16
+    channels: int = 3
+    patch: int = 4
+    dim: int = 64
+    heads: int = 4
+    depth: int = 2
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        for name in ("height", "width"):
+            if getattr(self, name) % self.patch:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be divisible by patch ({self.patch})"
+                )
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+
+    @property
+    def patches(self) -> int:
+        """``S``: patches per frame."""
+        return (self.height // self.patch) * (self.width // self.patch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig:
+    src_vocab: int = 512
+    tgt_vocab: int = 512
+    dim: int = 128
+    n_heads: int = 4
+    ffn_dim: int = 256
+    enc_layers: int = 2
+    dec_layers: int = 2
+    max_len: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"Seq2SeqConfig.dim={self.dim} must divide by n_heads={self.n_heads}")
+        for name in ("src_vocab", "tgt_vocab", "dim", "ffn_dim", "enc_layers", "dec_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Seq2SeqConfig.{name} must be >= 1, got {getattr(self, name)}")

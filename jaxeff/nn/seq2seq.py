@@ -12,33 +12,12 @@ https://arxiv.org/abs/1706.03762
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn.attention import attention_weights
-
-
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig:
-    src_vocab: int = 512
-    tgt_vocab: int = 512
-    dim: int = 128
-    n_heads: int = 4
-    ffn_dim: int = 256
-    enc_layers: int = 2
-    dec_layers: int = 2
-    max_len: int = 32
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ValueError(f"Seq2SeqConfig.dim={self.dim} must divide by n_heads={self.n_heads}")
-        for name in ("src_vocab", "tgt_vocab", "dim", "ffn_dim", "enc_layers", "dec_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Seq2SeqConfig.{name} must be >= 1, got {getattr(self, name)}")
+from jaxeff.nn.config import Seq2SeqConfig
 
 
 def attention(q, k, v, mask):

@@ -26,7 +26,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn.attention import dot_product_attention
+from jaxeff.nn.config import VideoDenoiserConfig
 
 # (p_attn, h) -> attention output with h's shape; the sequence-parallel code supplies its own
 AttentionFn = Callable[[dict, jnp.ndarray], jnp.ndarray]
@@ -238,35 +238,6 @@ class STBlock(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- denoiser
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoDenoiserConfig:
-    """Shape of :class:`VideoDenoiser`: clips ``[B, frames, height, width, channels]``."""
-
-    frames: int = 8
-    height: int = 16
-    width: int = 16
-    channels: int = 3
-    patch: int = 4
-    dim: int = 64
-    heads: int = 4
-    depth: int = 2
-    mlp_ratio: int = 4
-
-    def __post_init__(self):
-        for name in ("height", "width"):
-            if getattr(self, name) % self.patch:
-                raise ValueError(
-                    f"{name} ({getattr(self, name)}) must be divisible by patch ({self.patch})"
-                )
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-
-    @property
-    def patches(self) -> int:
-        """``S``: patches per frame."""
-        return (self.height // self.patch) * (self.width // self.patch)
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
