@@ -100,21 +100,9 @@ class BenchConfig:
 
 def get_config(preset: str) -> CameLMConfig:
     if preset == "smoke":
-        # the lm experiment's smoke run, 20 steps long
-        base = LMConfig(
-            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
-            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
-            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
-            train=TrainConfig(
-                batch_size=8,
-                steps=20,
-                log_every=1,
-                eval_every=10,
-                eval_batches=2,
-                checkpoint_every=20,
-                progress=False,
-            ),
-        )
+        # the lm experiment's smoke run, 20 steps long, one checkpoint at the end
+        base = LMConfig.smoke(steps=20)
+        base = dataclasses.replace(base, train=dataclasses.replace(base.train, checkpoint_every=20))
         return CameLMConfig(lm=base)
     if preset == "cpu":
         base = LMConfig(

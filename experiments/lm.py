@@ -41,7 +41,7 @@ import os
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import TransformerConfig
-from jaxeff.train.recipe import DataConfig, LMConfig, OptimConfig, TrainConfig
+from jaxeff.train.recipe import DataConfig, LMConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,20 +55,7 @@ class BenchConfig:
 
 def get_config(preset: str) -> LMConfig:
     if preset == "smoke":
-        return LMConfig(
-            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
-            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
-            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
-            train=TrainConfig(
-                batch_size=8,
-                steps=12,
-                log_every=1,
-                eval_every=6,
-                eval_batches=2,
-                checkpoint_every=6,
-                progress=False,
-            ),
-        )
+        return LMConfig.smoke()
     if preset == "cpu":
         return LMConfig()
     if preset == "demo":

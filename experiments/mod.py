@@ -224,20 +224,7 @@ class ModLMConfig:
 
 def _lm_config(preset: str) -> LMConfig:
     if preset == "smoke":  # the lm experiment's smoke run
-        return LMConfig(
-            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
-            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
-            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
-            train=TrainConfig(
-                batch_size=8,
-                steps=12,
-                log_every=1,
-                eval_every=6,
-                eval_batches=2,
-                checkpoint_every=6,
-                progress=False,
-            ),
-        )
+        return LMConfig.smoke()
     return LMConfig(
         data=DataConfig(vocab_size=2048, seq_len=256, max_bytes=1_500_000),
         model=TransformerConfig(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512),

@@ -146,6 +146,26 @@ class LMConfig:
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
 
+    @classmethod
+    def smoke(cls, steps: int = 12) -> LMConfig:
+        """Seconds on a CPU (what the tests run): a 2-layer width-64 decoder on 120 kB of
+        prose, batch 8, ``steps`` steps, evaluated and checkpointed at half-way and the end."""
+        half = max(steps // 2, 1)
+        return cls(
+            data=DataConfig(corpora=("prose",), vocab_size=512, seq_len=32, max_bytes=120_000),
+            model=TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+            optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+            train=TrainConfig(
+                batch_size=8,
+                steps=steps,
+                log_every=1,
+                eval_every=half,
+                eval_batches=2,
+                checkpoint_every=half,
+                progress=False,
+            ),
+        )
+
     def model_for(self, vocab_size: int) -> TransformerConfig:
         """``model`` with the tokenizer's ``vocab_size`` and ``max_seq_len = data.seq_len``."""
         return model_for_data(

@@ -61,8 +61,11 @@ def test_two_processes_match_one_and_resume(reference, tmp_path):
     out = str(tmp_path / "run")
     argv = mp.python_argv(WORKER) + [out, json.dumps(SETS)]
     results = mp.launch_local(argv, num_processes=2, devices_per_process=2, timeout=500)
+    failed = [r for r in results if r.returncode != 0]
+    assert not failed, "\n".join(
+        f"process {r.process_id} (exit {r.returncode}):\n{r.stderr[-3000:]}" for r in failed
+    )
     for r in results:
-        assert r.returncode == 0, f"process {r.process_id}:\n{r.stderr[-3000:]}"
         assert f"MP_DONE {r.process_id} 4 2" in r.stdout
     ref = _losses(ref_path)
     first = _losses(os.path.join(out, "first.jsonl"))
