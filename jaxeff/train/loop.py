@@ -219,6 +219,12 @@ def fit(
                 if done != cfg.steps:
                     writer.write(done, "val", eval_fn(state.params))
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if jax.process_count() > 1:
+                    # the data state is an all-gather across processes: let every collective
+                    # in flight (train steps, the previous async save) finish first, so that
+                    # all processes pair their collectives in the same order
+                    ckpt.wait()
+                    jax.block_until_ready(state)
                 ckpt.save(done, state, iterator_state(iterator), meta or {}, force=True)
             bar.update(1)
         if eval_fn is not None:
