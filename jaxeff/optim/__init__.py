@@ -29,6 +29,7 @@ __getattr__, __dir__, __all__ = _attach(
         "gsam": "_sam",
         "gsam_gradient": "_sam",
         "gsam_rho_schedule": "_sam",
+        "masked_grad_fn": "_sam",
         "sam": "_sam",
         "sam_gradient": "_sam",
     },

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import optax
 from optax import MaskedNode
 
+from jaxeff.optim._checks import check_range
+
 __all__ = ["ScaleByCameState", "came", "scale_by_came"]
 
 
@@ -143,6 +145,7 @@ def scale_by_came(
       Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023,
       https://arxiv.org/abs/2307.02047
     """
+    _check_came_args("scale_by_came", b1, b2, b3, eps1, eps2, clip_threshold)
 
     def init_fn(params):
         def leaf(p):
@@ -196,6 +199,15 @@ def scale_by_came(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _check_came_args(owner, b1, b2, b3, eps1, eps2, clip_threshold) -> None:
+    """Checks the concrete hyperparameters only (`optax.inject_hyperparams` traces them)."""
+    for name, value in (("b1", b1), ("b2", b2), ("b3", b3)):
+        check_range(owner, name, value, low=0.0, high=1.0, high_open=True)
+    check_range(owner, "eps1", eps1, low=0.0)
+    check_range(owner, "eps2", eps2, low=0.0)
+    check_range(owner, "clip_threshold", clip_threshold, low=0.0, low_open=True)
+
+
 def _map_unzip(fn, tree, n_out: int, make):
     treedef = jax.tree.structure(tree)
     results = [fn(x) for x in treedef.flatten_up_to(tree)]
@@ -233,7 +245,10 @@ def came(
         parameters that decay, as in ``optax.add_decayed_weights``; None decays all.
 
     Returns:
-      An ``optax.GradientTransformation`` (an ``optax.chain``).
+      An ``optax.GradientTransformation`` (an ``optax.chain``). It composes with optax's
+      wrappers, ``optax.inject_hyperparams(came)(learning_rate=...)`` under ``jit`` included:
+      the numeric arguments may be traced, and only concrete values are range-checked
+      (``ValueError`` naming the argument).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -252,8 +267,10 @@ def came(
       Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023,
       https://arxiv.org/abs/2307.02047
     """
-    if not weight_decay >= 0:
-        raise ValueError(f"came: weight_decay must be >= 0, got {weight_decay}")
+    # only concrete values are checked: under optax.inject_hyperparams they are traced
+    check_range("came", "learning_rate", learning_rate, low=0.0)
+    check_range("came", "weight_decay", weight_decay, low=0.0)
+    _check_came_args("came", b1, b2, b3, eps1, eps2, clip_threshold)
     return optax.chain(
         scale_by_came(b1, b2, b3, eps1, eps2, clip_threshold),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

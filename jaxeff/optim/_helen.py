@@ -28,7 +28,21 @@ Differences from the reference implementation (NUS-HPC-AI-Lab/Helen, ``optim/Hel
   the tables of ``C10``..``C19``; here table paths are exact.
 * It takes separate learning rates for embeddings and dense parameters (both 1e-3 in its
   configs) and ``net_pert=True`` by default (its experiment configs set False); here one
-  learning rate (use ``optax.multi_transform`` for two) and ``net_pert=False`` by default.
+  learning rate and ``net_pert=False`` by default. For two learning rates, partition only the
+  final scaling, after the one `scale_by_helen` that sees every parameter::
+
+      tx = optax.chain(
+          scale_by_helen(tables),
+          optax.multi_transform(
+              {"emb": optax.scale_by_learning_rate(lr_emb),
+               "dense": optax.scale_by_learning_rate(lr_dense)},
+              labels,  # "emb" on the tables, "dense" elsewhere
+          ),
+      )
+
+  Helen itself cannot go inside ``optax.multi_transform`` / ``optax.masked``: its perturbation
+  is joint over all tables and dense parameters and needs the whole parameter tree, so
+  ``update`` raises a ``ValueError`` when it sees masked (``optax.MaskedNode``) parameters.
 * First-order ("wide", ``dim = 1``) embeddings are dense parameters there (``shape[-1] > 1``
   selects tables); here whatever ``tables`` names is a table.
 """
@@ -42,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.optim._checks import check_range, is_concrete_zero
 from jaxeff.optim._tree import global_norm, perturb
 
 __all__ = [
@@ -179,10 +194,8 @@ def scale_by_helen(
     tables = tuple(tables)
     if len(set(tables)) != len(tables):
         raise ValueError(f"tables must be distinct parameter paths, got {list(tables)}")
-    if rho < 0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
-    if not 0.0 <= bound <= 1.0:
-        raise ValueError(f"bound must be in [0, 1], got {bound}")
+    # only concrete values are checked: under optax.inject_hyperparams they are traced
+    _check_helen_args("scale_by_helen", rho, bound, b1, b2, eps, weight_decay, norm_eps)
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
     def init_fn(params):
@@ -193,6 +206,13 @@ def scale_by_helen(
         del extra_args
         if params is None or grad_fn is None or counts is None:
             raise ValueError("scale_by_helen.update needs params, grad_fn=... and counts=...")
+        if _has_masked_node(params) or _has_masked_node(updates):
+            raise ValueError(
+                "scale_by_helen got masked parameters (optax.MaskedNode): Helen cannot run "
+                "inside optax.multi_transform or optax.masked, its perturbation needs the whole "
+                "parameter tree. For two learning rates use optax.chain(scale_by_helen(...), "
+                "optax.multi_transform({label: optax.scale_by_learning_rate(lr), ...}, labels))"
+            )
         counts_by_path = _counts_by_path(counts, tables)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
         paths = [param_path(p) for p, _ in leaves]
@@ -227,7 +247,7 @@ def scale_by_helen(
             for g, h, table in zip(grads, jax.tree.leaves(perturbed), is_table, strict=True)
         ]
         new_grads = jax.tree_util.tree_unflatten(treedef, chosen)
-        if weight_decay:
+        if not is_concrete_zero(weight_decay):
             new_grads = jax.tree.map(lambda g, w: g + weight_decay * w, new_grads, params)
         out, adam_state = adam.update(new_grads, state.adam, params)
         return out, HelenState(adam=adam_state)
@@ -256,7 +276,10 @@ def helen(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``grad_fn=`` and
-      ``counts=`` as `scale_by_helen` describes.
+      ``counts=`` as `scale_by_helen` describes. It composes with ``optax.chain``,
+      ``optax.MultiSteps``, ``optax.apply_if_finite`` and ``optax.inject_hyperparams(helen)``
+      (numeric arguments may be traced; only concrete values are range-checked), but not with
+      ``optax.multi_transform`` (see the module docstring for two learning rates).
 
     Example:
       >>> import jax.numpy as jnp
@@ -267,6 +290,7 @@ def helen(
       Zhu et al., Helen: Optimizing CTR Prediction Models with Frequency-wise Hessian
       Eigenvalue Regularization, WWW 2024. https://arxiv.org/abs/2403.00798
     """
+    check_range("helen", "learning_rate", learning_rate, low=0.0)
     return optax.chain(
         scale_by_helen(
             tables,
@@ -281,6 +305,21 @@ def helen(
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def _check_helen_args(owner, rho, bound, b1, b2, eps, weight_decay, norm_eps) -> None:
+    check_range(owner, "rho", rho, low=0.0)
+    check_range(owner, "bound", bound, low=0.0, high=1.0)
+    check_range(owner, "b1", b1, low=0.0, high=1.0, high_open=True)
+    check_range(owner, "b2", b2, low=0.0, high=1.0, high_open=True)
+    check_range(owner, "eps", eps, low=0.0)
+    check_range(owner, "weight_decay", weight_decay, low=0.0)
+    check_range(owner, "norm_eps", norm_eps, low=0.0)
+
+
+def _has_masked_node(tree) -> bool:
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
 
 
 def _check_tables(params, tables: tuple[str, ...]) -> None:

@@ -43,6 +43,21 @@ allows several adversarial steps (``sync_period > 2``) and any adversarial optim
 perturbation is the single closed-form step of each paper, which is what ASAM's ``T`` scaling and
 GSAM's decomposition are defined on.
 
+Composition with optax: the transforms go inside ``optax.chain``, ``optax.MultiSteps``,
+``optax.apply_if_finite`` and ``optax.inject_hyperparams`` (numeric arguments may be traced;
+only concrete values are range-checked), all of which forward ``grad_fn``. Inside
+``optax.multi_transform`` (or ``optax.masked``) a SAM transform sees only its own part of the
+parameters, the others replaced by ``optax.MaskedNode``; it perturbs that part alone, with
+that part's gradient norm, and evaluates the gradient there with the other parameters at their
+current values. Since it cannot see those values, ``grad_fn`` must fill them in: pass
+``grad_fn=masked_grad_fn(grad_fn, params)`` (see `masked_grad_fn`)::
+
+    tx = optax.multi_transform({"sam": sam(optax.adam(1e-3)), "rest": optax.adam(1e-3)}, labels)
+    updates, state = tx.update(grads, state, params, grad_fn=masked_grad_fn(grad_fn, params))
+
+Under ``optax.MultiSteps`` the clean gradient is the accumulated one while ``grad_fn`` is the one
+passed at the emitting micro step, so it should be the gradient of the accumulated objective.
+
 Under ``jit`` with sharded batches, ``grad_fn`` is the gradient of the global batch, so the
 perturbation is shared by all devices (SAM's paper computes one per device, "m-sharpness",
 which is a per-shard ``grad_fn`` in a ``shard_map``).
@@ -68,6 +83,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.optim._checks import check_range, concrete_scalar
 from jaxeff.optim._tree import global_norm, perturb, vdot
 
 GradFn = Callable[[Any], Any]
@@ -79,6 +95,7 @@ __all__ = [
     "gsam",
     "gsam_gradient",
     "gsam_rho_schedule",
+    "masked_grad_fn",
     "sam",
     "sam_gradient",
 ]
@@ -105,6 +122,60 @@ def _check(grad_fn, params, name):
         )
     if params is None:
         raise ValueError(f"{name}.update needs params (the perturbation is added to them)")
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _has_masked_node(tree) -> bool:
+    return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+
+
+def masked_grad_fn(grad_fn: GradFn, params) -> GradFn:
+    """``grad_fn`` made callable on a masked part of ``params``, for SAM in ``multi_transform``.
+
+    The returned function takes a tree shaped like ``params`` in which some subtrees may be
+    ``optax.MaskedNode`` (what ``optax.masked`` and ``optax.multi_transform`` hand to a
+    transform), puts the values of ``params`` in their place and returns ``grad_fn`` of the
+    completed tree. On a tree without MaskedNodes it is ``grad_fn``, so it is always safe to
+    pass. `sam`, `asam` and `gsam` require it (they check the ``accepts_masked_params``
+    attribute it sets) when their params are masked.
+
+    Args:
+      grad_fn: ``params -> gradient`` of the loss, on the whole parameter tree.
+      params: the current (whole) parameters, the values of the masked-out leaves.
+
+    Returns:
+      ``partial_params -> gradient`` (of the whole tree; SAM masks it back to its part).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxeff.optim import masked_grad_fn, sam
+      >>> loss = lambda p: jnp.sum((p["a"] * p["b"] - 1.0) ** 2)
+      >>> params = {"a": jnp.ones(2), "b": jnp.full(2, 2.0)}
+      >>> tx = optax.multi_transform({"sam": sam(optax.sgd(0.1)), "fixed": optax.sgd(0.0)},
+      ...                            {"a": "sam", "b": "fixed"})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+      ...                            grad_fn=masked_grad_fn(jax.grad(loss), params))
+      >>> print(optax.apply_updates(params, updates)["b"])
+      [2. 2.]
+    """
+
+    def fill(part, whole):
+        return whole if _is_masked(part) else part
+
+    def completed_grad_fn(partial_params):
+        return grad_fn(jax.tree.map(fill, partial_params, params, is_leaf=_is_masked))
+
+    completed_grad_fn.accepts_masked_params = True
+    return completed_grad_fn
+
+
+def _masked_like(tree, like):
+    """``tree`` (whole) with ``optax.MaskedNode`` where ``like`` (masked) has one."""
+    return jax.tree.map(lambda m, x: m if _is_masked(m) else x, like, tree, is_leaf=_is_masked)
 
 
 def sam_gradient(grads, params, grad_fn: GradFn, rho, eps: float = 1e-12):
@@ -239,7 +310,8 @@ def gsam_rho_schedule(
     Returns:
       A schedule ``count -> rho``.
     """
-    if rho_min is None or rho_min == rho_max:
+    # Python shortcuts only on concrete values: under optax.inject_hyperparams they are traced
+    if rho_min is None or _concrete_equal(rho_min, rho_max):
         return lambda count: jnp.asarray(rho_max, jnp.float32)
     if learning_rate is None:
         raise ValueError(
@@ -251,15 +323,25 @@ def gsam_rho_schedule(
             "gsam: lr_max (the peak learning rate) is required when rho_min differs from "
             f"rho_max (rho_min={rho_min}, rho_max={rho_max})"
         )
-    if lr_max == lr_min:
+    if _concrete_equal(lr_max, lr_min):
         return lambda count: jnp.asarray(rho_max, jnp.float32)
     lr_fn = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
 
     def schedule(count):
         lr = jnp.asarray(lr_fn(count), jnp.float32)
-        return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+        span = jnp.asarray(lr_max - lr_min, jnp.float32)
+        # a traced lr_max may equal lr_min: constant rho_max then, as for concrete values
+        safe = jnp.where(span == 0, 1.0, span)
+        rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / safe
+        return jnp.where(span == 0, jnp.asarray(rho_max, jnp.float32), rho)
 
     return schedule
+
+
+def _concrete_equal(a, b) -> bool:
+    """``a == b`` when both are concrete scalars; False when either is traced."""
+    x, y = concrete_scalar(a), concrete_scalar(b)
+    return x is not None and y is not None and x == y
 
 
 def _wrap(inner: optax.GradientTransformation, name: str, direction_fn):
@@ -271,7 +353,21 @@ def _wrap(inner: optax.GradientTransformation, name: str, direction_fn):
 
     def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
         _check(grad_fn, params, name)
-        grads = direction_fn(updates, params, grad_fn, state.count)
+        if _has_masked_node(params) or _has_masked_node(updates):
+            # inside optax.multi_transform / optax.masked: only this part of the params is here
+            if not getattr(grad_fn, "accepts_masked_params", False):
+                raise ValueError(
+                    f"{name}.update got masked params (optax.MaskedNode: it runs inside "
+                    "optax.multi_transform or optax.masked) and grad_fn needs the whole tree; "
+                    "pass grad_fn=jaxeff.optim.masked_grad_fn(grad_fn, params), which fills in "
+                    "the other parameters"
+                )
+
+            def call_grad_fn(p):  # grad_fn gives the whole tree; keep this transform's part
+                return _masked_like(grad_fn(p), updates)
+        else:
+            call_grad_fn = grad_fn
+        grads = direction_fn(updates, params, call_grad_fn, state.count)
         new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         return new_updates, SAMState(optax.safe_int32_increment(state.count), inner_state)
 
@@ -311,6 +407,9 @@ def sam(
       Foret et al., Sharpness-Aware Minimization for Efficiently Improving Generalization, ICLR
       2021.
     """
+
+    check_range("sam", "rho", rho, low=0.0)
+    check_range("sam", "eps", eps, low=0.0)
 
     def direction(grads, params, grad_fn, count):
         del count
@@ -360,6 +459,10 @@ def asam(
       Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of
       Deep Neural Networks, ICML 2021.
     """
+
+    check_range("asam", "rho", rho, low=0.0)
+    check_range("asam", "eta", eta, low=0.0)
+    check_range("asam", "eps", eps, low=0.0)
 
     def direction(grads, params, grad_fn, count):
         del count
@@ -426,6 +529,10 @@ def gsam(
     References:
       Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training, ICLR 2022.
     """
+    check_range("gsam", "rho_max", rho_max, low=0.0)
+    check_range("gsam", "rho_min", rho_min, low=0.0)
+    check_range("gsam", "alpha", alpha, low=0.0)
+    check_range("gsam", "eps", eps, low=0.0)
     if rho is None:
         rho = gsam_rho_schedule(learning_rate, rho_max, rho_min, lr_max, lr_min)
     elif rho_min is not None or learning_rate is not None:

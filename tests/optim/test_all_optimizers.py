@@ -123,6 +123,7 @@ _NOT_OPTIMIZERS = {
     "feature_counts",
     "gsam_gradient",
     "gsam_rho_schedule",
+    "masked_grad_fn",
     "param_path",
     "sam_gradient",
 }
