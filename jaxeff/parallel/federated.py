@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -313,13 +313,44 @@ def sample_clients(key: jax.Array, num_clients: int, per_round: int) -> np.ndarr
 
 
 def token_weights(batches, key: str = "tokens") -> np.ndarray:
-    """Target tokens per client (``[C]``) in a round's batches ``[C, H, B, S+1]``; uses
+    """Target tokens per client (``[C]``) in a round's LM batches ``[C, H, B, S+1]``; uses
     ``loss_mask`` when present (only its target positions count)."""
     if "loss_mask" in batches:
         m = np.asarray(batches["loss_mask"])[..., 1:]
         return m.reshape(m.shape[0], -1).sum(axis=1).astype(np.float32)
     t = np.asarray(batches[key])
     return np.full(t.shape[0], math.prod(t.shape[1:-1]) * (t.shape[-1] - 1), np.float32)
+
+
+def client_weights(batches, weight_key: str | None = None) -> np.ndarray:
+    """Aggregation weights ``w_c`` (``[C]``) of a round's batches (leaves ``[C, H, ...]``).
+
+    * ``weight_key`` named: ``w_c`` is the sum of that leaf over client ``c``'s batches
+      (e.g. a per-example weight or a count the data pipeline provides);
+    * else an LM batch (a ``tokens`` or ``loss_mask`` leaf): target tokens (`token_weights`);
+    * else (any other batch): equal weights, plain FedAvg.
+    """
+    keys = list(batches) if isinstance(batches, Mapping) else []
+    if weight_key is not None:
+        if weight_key not in keys:
+            raise ValueError(
+                f"federated weight_key {weight_key!r} is not in the batch; it has "
+                f"{', '.join(map(repr, keys)) or 'no named leaves'}"
+            )
+        w = np.asarray(batches[weight_key], np.float64)
+        w = w.reshape(w.shape[0], -1).sum(axis=1)
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+            raise ValueError(
+                f"federated weights from {weight_key!r} must be finite, >= 0 and not all 0; "
+                f"got {w.tolist()}"
+            )
+        return w.astype(np.float32)
+    if "tokens" in keys or "loss_mask" in keys:
+        return token_weights(batches)
+    leaves = jax.tree.leaves(batches)
+    if not leaves:
+        raise ValueError("federated round: the clients' batches are empty")
+    return np.ones(np.shape(leaves[0])[0], np.float32)
 
 
 def communication_bytes(params, masks, participate) -> dict:
@@ -373,6 +404,8 @@ class FederatedTask:
       eval_fn: ``params -> dict`` with at least ``loss`` and ``ppl`` (or None).
       masks: aggregation masks ``[C, ...]`` (default: everything communicated).
       client_params: optional ``[C, ...]`` initial client models (DEPT SPEC).
+      weight_key: the batch leaf whose per-client sum weighs the aggregation (default: target
+        tokens for an LM batch, else equal weights; see `client_weights`).
     """
 
     params: Any
@@ -384,6 +417,7 @@ class FederatedTask:
     eval_fn: Callable[[Any], dict] | None = None
     masks: Any = None
     client_params: Any = None
+    weight_key: str | None = None
 
 
 def round_batches(task: FederatedTask, round_index: int):
@@ -417,7 +451,7 @@ def run_rounds(
         batches = round_batches(task, r)
         part = np.ones(task.num_clients, bool) if participate is None else participate(r)
         server, clients, metrics = round_fn(
-            server, clients, batches, token_weights(batches), part, masks
+            server, clients, batches, client_weights(batches, task.weight_key), part, masks
         )
         if on_round is not None:
             info = {

@@ -268,8 +268,15 @@ def make_client(task, client_id: int, faults: dict | None = None):
                     arrays = arrays[:-1]
                 else:
                     arrays[0] = np.full_like(arrays[0], np.nan)
-            tokens = int(fed.token_weights(jax.tree.map(lambda x: np.asarray(x)[None], batches))[0])
-            return arrays, tokens, {"client_id": client_id, "loss": float(jnp.mean(losses))}
+            stacked = jax.tree.map(lambda x: np.asarray(x)[None], batches)
+            weight = float(fed.client_weights(stacked, task.weight_key)[0])
+            # Flower carries the weight as an integer count (tokens, examples); the server
+            # averages by it, so a fractional weight is rounded (weights are counts in practice)
+            return (
+                arrays,
+                max(1, round(weight)),
+                {"client_id": client_id, "loss": float(jnp.mean(losses))},
+            )
 
     return JaxClient()
 

@@ -5,12 +5,15 @@ a pytree), ``data`` (the grain iterator state, JSON) and ``meta`` (JSON: the con
 anything else the run needs to continue). Orbax writes each step into a temporary directory
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 Both policies are explicit: save every ``every`` steps (and when forced), keep the newest
-``keep``.
+``keep``. `Checkpointer.restore_intact` resumes from the newest checkpoint that reads back,
+moving damaged newer ones aside (to ``<directory>.damaged/``) with one warning line each.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
@@ -86,6 +89,50 @@ class Checkpointer:
             ) from err
         return restored.state, restored.data, restored.meta
 
+    def restore_intact(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """``(step, state, data, meta)`` of the newest checkpoint that restores, or None when
+        there is none. Each damaged newer one (unreadable or truncated) gets one warning line
+        on stderr naming it and is moved to ``<directory>.damaged/<step>``: kept for
+        inspection, out of the way of the step that will be saved again. When no checkpoint
+        restores (every one damaged, or a config that does not fit them) nothing is moved
+        and CheckpointError names the newest one's problem."""
+        steps = sorted(self.all_steps(), reverse=True)
+        errors: list[tuple[int, CheckpointError]] = []
+        for step in steps:
+            try:
+                restored = self.restore(abstract_state, step)
+            except CheckpointError as err:
+                _quiet_closed_loop_callbacks()
+                errors.append((step, err))
+                continue
+            for bad, err in errors:
+                aside = self._set_aside(bad)
+                _warn(f"{err}; skipped it (moved to {aside}) and resumed from step {step}")
+            return (step, *restored)
+        if errors:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores (steps {[s for s, _ in errors]}); "
+                f"the newest: {errors[0][1]}"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        """Moves step folder ``step`` to ``<directory>.damaged/<step>`` (process 0 only)."""
+        import jax
+
+        target = os.path.join(self.directory + ".damaged", str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxeff_checkpoint_set_aside_{step}")
+        self._manager.reload()
+        return target
+
     def restore_meta(self, step: int | None = None) -> dict:
         """Only the ``meta`` item (the config), to build the abstract state before `restore`."""
         step = self._check_step(step)
@@ -112,5 +159,38 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for a save in flight and shuts orbax's background machinery down (also after
+        an error, so that nothing prints once the error line is out)."""
+        try:
+            self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed restore, tensorstore threads may still complete futures of orbax's
+    finished asyncio loop; ``call_soon_threadsafe`` then raises "Event loop is closed", which
+    Python prints as a traceback at some later point. Those (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxeff_quiet", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxeff_quiet = True
+    sys.unraisablehook = hook
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write("jaxeff: warning: " + " ".join(message.split()) + "\n")
+    sys.stderr.flush()

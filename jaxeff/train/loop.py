@@ -178,8 +178,10 @@ def fit(
 
     Writes ``metrics.jsonl`` and TensorBoard events under ``workdir`` and checkpoints (params,
     optimizer state, RNG and the data iterator) under ``workdir/checkpoints``. With ``resume``,
-    it restarts from the newest checkpoint there, and the losses that follow are exactly those
-    of an uninterrupted run. Returns the final state and every metric record written.
+    it restarts from the newest intact checkpoint there (a damaged newer one is moved aside
+    with a warning), truncates the metrics log and TensorBoard events to that step, and the
+    losses and records that follow are exactly those of an uninterrupted run. Returns the
+    final state and every metric record written.
     """
     import os
 
@@ -192,20 +194,24 @@ def fit(
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
     )
-    start = 0
-    iterator = None
-    if resume and ckpt.latest_step() is not None:
-        state, data_state, _ = ckpt.restore(state)
-        start = int(state.step)
-        iterator = restore_iterator(loader, data_state)
-    if iterator is None:
-        iterator = iter(loader)
-    # one writer per process; process 0 owns the run directory's metrics.jsonl
-    pid = jax.process_index()
-    logdir = workdir if pid == 0 else os.path.join(workdir, f"process_{pid}")
-    writer = MetricsWriter(logdir, resume_step=start if resume else None)
-    bar = progress(cfg.steps, initial=start, enabled=cfg.progress)
+    writer = bar = None
     try:
+        start = 0
+        iterator = None
+        if resume:
+            restored = ckpt.restore_intact(state)
+            if restored is not None:
+                start, state, data_state, _ = restored
+                iterator = restore_iterator(loader, data_state)
+        if iterator is None:
+            iterator = iter(loader)
+        # one writer per process; process 0 owns the run directory's metrics.jsonl. Every
+        # record of step s is written before the checkpoint of step s, so truncating the log
+        # to the restored step gives the uninterrupted run's log, line for line.
+        pid = jax.process_index()
+        logdir = workdir if pid == 0 else os.path.join(workdir, f"process_{pid}")
+        writer = MetricsWriter(logdir, resume_step=start if resume else None)
+        bar = progress(cfg.steps, initial=start, enabled=cfg.progress)
         for step in range(start, cfg.steps):
             batch = {k: np.asarray(v) for k, v in next(iterator).items()}
             if to_device is not None:
@@ -215,10 +221,10 @@ def fit(
             if done % cfg.log_every == 0 or done == cfg.steps:
                 record = writer.write(done, "train", jax.device_get(metrics))
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
-                if done != cfg.steps:
-                    writer.write(done, "val", eval_fn(state.params))
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            final = done == cfg.steps
+            if eval_fn is not None and (final or (cfg.eval_every and done % cfg.eval_every == 0)):
+                writer.write(done, "val", eval_fn(state.params))
+            if done % cfg.checkpoint_every == 0 or final:
                 if jax.process_count() > 1:
                     # the data state is an all-gather across processes: let every collective
                     # in flight (train steps, the previous async save) finish first, so that
@@ -227,10 +233,10 @@ def fit(
                     jax.block_until_ready(state)
                 ckpt.save(done, state, iterator_state(iterator), meta or {}, force=True)
             bar.update(1)
-        if eval_fn is not None:
-            writer.write(cfg.steps, "val", eval_fn(state.params))
     finally:
-        bar.close()
-        writer.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
     return state, read_metrics(writer.path)

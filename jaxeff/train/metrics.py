@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per line with ``step``, ``split`` and the metric names;
 TensorBoard scalars are tagged ``<split>/<name>``. On resume, lines past the restored step are
-dropped so that the file reads exactly like an uninterrupted run's.
+dropped so that the file reads exactly like an uninterrupted run's, and TensorBoard is told
+to purge events past it (tensorboardX ``purge_step``), so its curves hold each step once.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class MetricsWriter:
 
     Args:
       workdir: the run directory.
-      resume_step: when resuming, records with ``step > resume_step`` are removed first.
+      resume_step: when resuming, records with ``step > resume_step`` are removed first (and
+        TensorBoard events of those steps are purged).
       tensorboard: also write TensorBoard events (tensorboardX).
     """
 
@@ -61,7 +63,8 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = None if resume_step is None else int(resume_step) + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, split: str, metrics: dict) -> dict:
         record = {"step": int(step), "split": split}

@@ -101,28 +101,117 @@ def _cli(args, cwd):
     )
 
 
-def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_losses(smoke_run, tmp_path):
-    ref_dir, ref_summary = smoke_run
-    sets = [a for o in OVERRIDES for a in ("--set", o)]
-    victim = _cli(["run", "lm", "--preset", "smoke", *sets, "--out", "victim"], cwd=tmp_path)
-    metrics = str(tmp_path / "victim" / "metrics.jsonl")
+def _lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return f.read().splitlines()
+
+
+def _tensorboard_scalars(workdir) -> list[tuple[str, int, float]]:
+    """The scalars TensorBoard shows for ``workdir/tensorboard``: the event files read in
+    order (TFRecord framing: u64 length, u32 crc, data, u32 crc), where a ``SessionLog.START``
+    event at step P hides the events read before it with step >= P (tensorboardX's
+    ``purge_step``), as TensorBoard's loader does."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    logdir = os.path.join(workdir, "tensorboard")
+    seen: list[tuple[str, int, float]] = []
+    for name in sorted(f for f in os.listdir(logdir) if f.startswith("events")):
+        data = open(os.path.join(logdir, name), "rb").read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                seen = [s for s in seen if s[1] < event.step]
+            for value in event.summary.value:
+                seen.append((value.tag, event.step, value.simple_value))
+    return seen
+
+
+def _kill_when(victim, ready, what):
     deadline = time.time() + 600
     while time.time() < deadline and victim.poll() is None:
-        steps = [r["step"] for r in read_metrics(metrics)]
-        if steps and max(steps) >= 25:  # past the checkpoint of step 20
+        if ready():
             victim.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
     victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 25 <= max(r["step"] for r in read_metrics(metrics)) < 60
+    assert victim.returncode == -signal.SIGKILL, f"the run finished before {what}"
+
+
+def test_sigkill_at_several_points_then_resume_writes_the_uninterrupted_run(smoke_run, tmp_path):
+    ref_dir, ref_summary = smoke_run
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    victim_dir = str(tmp_path / "victim")
+    metrics = os.path.join(victim_dir, "metrics.jsonl")
+    checkpoints = os.path.join(victim_dir, "checkpoints")
+
+    def writing_a_checkpoint():
+        names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+        return any("orbax-checkpoint-tmp" in n for n in names)
+
+    # 1. during the first checkpoint's write (orbax's temporary folder is there)
+    victim = _cli(["run", "lm", "--preset", "smoke", *sets, "--out", "victim"], cwd=tmp_path)
+    _kill_when(victim, writing_a_checkpoint, "a checkpoint write could be seen")
+    # 2. resumed, then killed between checkpoints, after the step-30 validation record
+    victim = _cli(["run", "lm", "--out", "victim", "--resume"], cwd=tmp_path)
+    _kill_when(
+        victim,
+        lambda: any(r["step"] >= 35 for r in read_metrics(metrics)),
+        "step 35",
+    )
+    assert 35 <= max(r["step"] for r in read_metrics(metrics)) < 60
+    # 3. resumed to the end
     resumed = _cli(["run", "lm", "--out", "victim", "--resume"], cwd=tmp_path)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
-    assert _train_losses(str(tmp_path / "victim")) == _train_losses(ref_dir)
+    assert "Traceback" not in err
+    assert _lines(victim_dir) == _lines(ref_dir)  # train and val records, line for line
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary == json.load(open(tmp_path / "victim" / "summary.json"))
+    assert summary == json.load(open(os.path.join(victim_dir, "summary.json")))
     assert summary["val_ppl"] == ref_summary["val_ppl"]
+    # 4. resuming a finished run adds nothing
+    again = lm.run(RUN, workdir=victim_dir, resume=True)
+    assert again["val_ppl"] == ref_summary["val_ppl"]
+    assert _lines(victim_dir) == _lines(ref_dir)
+    # TensorBoard shows every (tag, step) once, with the uninterrupted run's values
+    shown = _tensorboard_scalars(victim_dir)
+    assert len({(tag, step) for tag, step, _ in shown}) == len(shown)
+    assert sorted(shown) == sorted(_tensorboard_scalars(ref_dir))
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(smoke_run, tmp_path, capfd):
+    import shutil
+
+    ref_dir, ref_summary = smoke_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir)
+    # keep_checkpoints=2 left steps 50 and 60: truncate every array file of step 60
+    state_dir = os.path.join(workdir, "checkpoints", "60", "state")
+    damaged = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if "metadata" not in name.lower():
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(max(os.path.getsize(f.name) // 3, 1))
+                damaged += 1
+    assert damaged
+    capfd.readouterr()
+    summary = lm.run(RUN, workdir=workdir, resume=True)
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("jaxeff: warning")]
+    assert len(warnings) == 1 and "checkpoint step 60" in warnings[0], err[-2000:]
+    assert "resumed from step 50" in warnings[0] and "Traceback" not in err
+    assert os.path.isdir(os.path.join(workdir, "checkpoints.damaged", "60"))
+    # steps 51-60 run again from step 50's state: the same records and result
+    assert _lines(workdir) == _lines(ref_dir)
+    assert summary["val_ppl"] == ref_summary["val_ppl"]
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [50, 60]
 
 
 def test_flops_per_token_formula_matches_an_independent_count():

@@ -203,3 +203,36 @@ def test_bad_arguments_are_named():
         fed.sample_clients(jax.random.PRNGKey(0), 4, 5)
     with pytest.raises(ValueError, match="leading clients axis"):
         fed.init({"w": jnp.zeros(3)}, optax.sgd(1.0), optax.sgd(1.0), 2, {"w": jnp.zeros((3, 3))})
+
+
+@pytest.mark.parametrize("weight_key", [None, "n"])
+def test_run_rounds_on_a_batch_without_tokens_uses_equal_or_named_weights(weight_key):
+    """A regression batch ``{"x", "y", "n"}``: FedAvg with H = 1 and inner SGD is one SGD step
+    on the (equally or ``n``-) weighted mean of the clients' gradients."""
+    rng = np.random.default_rng(0)
+    C, B, D, lr = 4, 3, 5, 0.3
+    x = rng.normal(size=(C, 1, B, D)).astype(np.float32)
+    y = rng.normal(size=(C, 1, B)).astype(np.float32)
+    n = np.asarray([1.0, 2.0, 3.0, 6.0], np.float32)
+    batches = {"x": x, "y": y, "n": np.broadcast_to(n[:, None, None], (C, 1, 1)).copy()}
+
+    def loss_fn(p, b):
+        return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+
+    w0 = {"w": jnp.asarray(rng.normal(size=(D,)), jnp.float32)}
+    task = fed.FederatedTask(
+        params=w0,
+        loss_fn=loss_fn,
+        inner_tx=optax.sgd(lr),
+        outer_tx=fed.outer_optimizer("fedavg"),
+        num_clients=C,
+        client_batches=lambda c, r: jax.tree.map(lambda v: v[c], batches),
+        weight_key=weight_key,
+    )
+    server, _ = fed.run_rounds(task, 1, fed.largest_mesh(C))
+    weights = np.ones(C) if weight_key is None else n
+    grads = [jax.grad(loss_fn)(w0, {"x": x[c, 0], "y": y[c, 0]})["w"] for c in range(C)]
+    mean_grad = sum(w * g for w, g in zip(weights, grads, strict=True)) / weights.sum()
+    np.testing.assert_allclose(server.params["w"], w0["w"] - lr * mean_grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_key 'count' is not in the batch; it has 'x'"):
+        fed.client_weights(batches, "count")
