@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test install-demo install-test lint freeze
+.PHONY: demo test notebooks install-demo install-test lint freeze
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ demo: install-demo
 
 test: install-test
 	$(BIN)/python -m pytest --nbmake --durations=15 tests notebooks $(PYTEST_ARGS)
+
+# Execute every notebook in place and save it with its outputs (plots included), so that a git
+# host renders them; CI runs them again through nbmake. NOTEBOOKS=notebooks/06_*.ipynb for one.
+NOTEBOOKS ?=
+notebooks: install-test
+	$(BIN)/python tools/run_notebooks.py $(NOTEBOOKS)
 
 lint: $(BIN)/python
 	$(BIN)/ruff check jaxeff kernels experiments tests

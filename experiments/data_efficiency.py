@@ -534,12 +534,9 @@ def _report_goals(name: str, goals: dict, summary: dict) -> None:
 
 
 def _plot_infobatch(by_dataset: dict, path: str) -> None:
-    import matplotlib
+    from jaxeff.plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = subplots(1, 2, figsize=(10, 3.6))
     for name, e in by_dataset.items():
         axes[0].plot(range(len(e["kept_by_epoch"])), e["kept_by_epoch"], "o-", label=name)
     axes[0].set_xlabel("epoch")
@@ -557,7 +554,6 @@ def _plot_infobatch(by_dataset: dict, path: str) -> None:
     axes[1].set_title("savings vs full data")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,14 +781,12 @@ def _uniform_plan(n: int, seed: int):
 
 
 def _plot_infogrowth(plot_data, by_dataset, budgets, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from jaxeff.plots import subplots
+
     names = list(plot_data)
-    fig, axes = plt.subplots(1, 2 + len(names) - 1, figsize=(5 * (1 + len(names)), 3.6))
+    fig, axes = subplots(1, 2 + len(names) - 1, figsize=(5 * (1 + len(names)), 3.6))
     axes = np.atleast_1d(axes)
     labels = ("clean", "near-duplicate", "mismatched")
     for i, name in enumerate(names):
@@ -817,11 +811,16 @@ def _plot_infogrowth(plot_data, by_dataset, budgets, path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 EXPERIMENTS = {
-    "infobatch": Experiment(get_infobatch_config, run_infobatch, doc=__doc__),
+    "infobatch": Experiment(
+        get_infobatch_config,
+        run_infobatch,
+        doc=__doc__,
+        title="InfoBatch (dynamic pruning) vs full data at equal epochs: accuracy, samples and "
+        "wall time saved.",
+    ),
     "infogrowth": Experiment(
         get_infogrowth_config,
         run_infogrowth,

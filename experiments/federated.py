@@ -458,12 +458,9 @@ def _run_central(cfg: PhotonConfig, task, writer):
 
 
 def plot_ppl(curves: dict, path: str, xlabel: str, title: str, logx: bool = False) -> None:
-    import matplotlib
+    from jaxeff.plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, "o-", label=name)
     if logx:
@@ -475,7 +472,6 @@ def plot_ppl(curves: dict, path: str, xlabel: str, title: str, logx: bool = Fals
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_photon(cfg: PhotonConfig, workdir: str | None = None, resume: bool = False) -> dict:
@@ -851,7 +847,13 @@ def _adapt(cfg: DeptConfig, heldout, trained, glob_tok, optax) -> dict:
 
 
 EXPERIMENTS = {
-    "photon": Experiment(get_photon_config, run_photon, presets=("smoke", "cpu"), doc=__doc__),
+    "photon": Experiment(
+        get_photon_config,
+        run_photon,
+        doc=__doc__,
+        title="Federated pre-training: Photon vs DiLoCo vs centralized AdamW on the same tokens, "
+        "perplexity against steps and bytes.",
+    ),
     "dept": Experiment(
         get_dept_config,
         run_dept,

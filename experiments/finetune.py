@@ -162,12 +162,9 @@ def format_table(by_dataset: dict) -> str:
 
 
 def plot_accuracy(by_dataset: dict, path: str) -> None:
-    import matplotlib
+    from jaxeff.plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     width = 0.8 / max(len(by_dataset), 1)
     for k, (name, res) in enumerate(by_dataset.items()):
         xs = [i + k * width for i in range(len(CONDITIONS))]
@@ -180,7 +177,6 @@ def plot_accuracy(by_dataset: dict, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(cfg: FinetuneConfig, workdir: str | None = None, resume: bool = False) -> dict:

@@ -284,15 +284,13 @@ def make_top_eig(graphdef, tables, iters: int):
 
 
 def plot_eigenvalues(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from jaxeff.plots import subplots
 
     opts = list(summary["top_eig_frequent"])
     x = np.arange(len(opts))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, ax2) = subplots(1, 2, figsize=(10, 4))
     for offset, key, label in (
         (-0.2, "top_eig_frequent", "frequent ids (top 10%)"),
         (0.2, "top_eig_infrequent", "infrequent ids"),
@@ -311,7 +309,6 @@ def plot_eigenvalues(summary: dict, path: str) -> None:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- one run ----------------------------------------------------------------------------------

@@ -272,7 +272,13 @@ def _print_knn_table(s: dict, domains) -> None:
 
 
 EXPERIMENTS = {
-    "knn-mt": Experiment(get_knn_config, run_knn_mt, presets=("smoke", "cpu"), doc=__doc__),
+    "knn-mt": Experiment(
+        get_knn_config,
+        run_knn_mt,
+        doc=__doc__,
+        title="kNN-MT with dynamic retrieval vs plain NMT, kNN-MT and adaptive retrieval: BLEU, "
+        "chrF, retrieval rate.",
+    ),
 }
 
 

@@ -178,7 +178,14 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
 
 
 EXPERIMENTS = {
-    "lm": Experiment(get_config, run, presets=("smoke", "cpu", "demo"), doc=__doc__),
+    "lm": Experiment(
+        get_config,
+        run,
+        presets=("smoke", "cpu", "demo"),
+        doc=__doc__,
+        title="Tiny Llama-style decoder pre-training on the embedded corpora, against a unigram "
+        "model.",
+    ),
     "lm-bench": Experiment(
         get_bench_config,
         run_bench,

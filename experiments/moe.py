@@ -283,16 +283,11 @@ def _routing_fn(graphdef):
 
 
 def _plot_openmoe(curves, agreement, drops, path_loss, path_routing):
-    import matplotlib
-
-    from jaxeff.plots import plot_val_curves
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxeff.plots import plot_val_curves, subplots
 
     plot_val_curves(curves, path_loss, "openmoe: MoE vs dense of equal active parameters")
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
     steps, values = zip(*agreement, strict=True)
     a1.plot(steps, values, "o-")
     a1.set_xlabel("checkpoint step")
@@ -309,7 +304,6 @@ def _plot_openmoe(curves, agreement, drops, path_loss, path_routing):
     a2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path_routing, dpi=100)
-    plt.close(fig)
 
 
 def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = False) -> dict:
@@ -517,12 +511,9 @@ def repeated_order(n_unique: int, total: int, seed: int, pool=None):
 
 
 def _plot_token_crisis(val_loss, repeats_log2, path):
-    import matplotlib
+    from jaxeff.plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(val_loss), figsize=(5.5 * len(val_loss), 4), squeeze=False)
+    fig, axes = subplots(1, len(val_loss), figsize=(5.5 * len(val_loss), 4), squeeze=False)
     for ax, (model, table) in zip(axes[0], val_loss.items(), strict=True):
         for setting in next(iter(table.values())):
             ax.plot(
@@ -539,7 +530,6 @@ def _plot_token_crisis(val_loss, repeats_log2, path):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_token_crisis(
@@ -746,7 +736,13 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
 
 
 EXPERIMENTS = {
-    "openmoe": Experiment(get_openmoe_config, run_openmoe, doc=__doc__),
+    "openmoe": Experiment(
+        get_openmoe_config,
+        run_openmoe,
+        doc=__doc__,
+        title="OpenMoE-style MoE vs a dense decoder of equal active parameters, and OpenMoE's "
+        "three routing analyses.",
+    ),
     "token-crisis": Experiment(
         get_token_crisis_config,
         run_token_crisis,

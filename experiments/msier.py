@@ -335,14 +335,11 @@ def same_answer_rate(picks, query_labels, pool_labels) -> float:
 
 
 def plot_accuracy(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxeff.plots import subplots
 
     names = ["zero_shot", "random", "unsupervised", "supervised_image_only", "supervised"]
     names = [n for n in names if f"acc_{n}" in summary]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = subplots(figsize=(7, 3.5))
     ax.bar(names, [summary[f"acc_{n}"] for n in names], color="tab:blue")
     ax.axhline(summary["chance"], color="gray", ls="--", label="chance")
     ax.set_ylabel("ICL accuracy")
@@ -351,7 +348,6 @@ def plot_accuracy(summary: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- the experiment ---------------------------------------------------------------------------

@@ -121,15 +121,13 @@ def get_config(preset: str) -> ZSCLConfig:
 
 
 def plot_matrices(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from jaxeff.plots import subplots
 
     methods = list(summary["acc"])
     tasks = summary["tasks"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), squeeze=False)
     for ax, m in zip(axes[0], methods, strict=True):
         acc = np.asarray(summary["acc"][m])
         ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
@@ -141,7 +139,6 @@ def plot_matrices(summary: dict, path: str) -> None:
         ax.set_title(f"{m}: transfer {summary['transfer'][m]:.1f}, last {summary['last'][m]:.1f}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def format_table(summary: dict) -> str:

@@ -314,12 +314,9 @@ def format_table(out: dict) -> str:
 
 
 def plot_val(history: list[dict], title: str, path: str) -> None:
-    import matplotlib
+    from jaxeff.plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = subplots(figsize=(5, 3))
     its = [h["iteration"] for h in history]
     ax.plot(its, [h["val_score"] for h in history], "o-", label="current prompt")
     cand = [(h["iteration"], c["val_score"]) for h in history for c in h["candidates"]]
@@ -331,7 +328,6 @@ def plot_val(history: list[dict], title: str, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(

@@ -630,17 +630,14 @@ def format_table(summary: dict) -> str:
 
 
 def plot(summary: dict, workdir: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxeff.plots import subplots
 
     for key, label, name, logy in (
         ("attn_entropy", "mean attention entropy (nats)", "entropy_vs_length.png", False),
         ("passkey_acc", "passkey accuracy", "passkey_vs_length.png", False),
         ("ppl", "validation perplexity", "ppl_vs_length.png", True),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots(figsize=(6, 4))
         for method, cells in summary["by_method"].items():
             lengths = sorted(int(n) for n in cells)
             ax.plot(lengths, [cells[str(n)][key] for n in lengths], "o-", label=method)
@@ -654,10 +651,9 @@ def plot(summary: dict, workdir: str) -> None:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(workdir, name), dpi=100)
-        plt.close(fig)
     smol = summary.get("smollm2")
     if smol and smol.get("by_method"):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig, axes = subplots(1, 2, figsize=(9, 3.5))
         for method, cells in smol["by_method"].items():
             lengths = sorted(int(n) for n in cells)
             for ax, key in zip(axes, ("attn_entropy", "answer_entropy"), strict=True):
@@ -676,7 +672,6 @@ def plot(summary: dict, workdir: str) -> None:
         fig.suptitle("SmolLM2-135M-Instruct")
         fig.tight_layout()
         fig.savefig(os.path.join(workdir, "smollm2.png"), dpi=100)
-        plt.close(fig)
 
 
 def _eval_writer(workdir: str):

@@ -382,20 +382,16 @@ def print_compose(summary: dict) -> None:
 
 
 def plot_compose(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxeff.plots import subplots
 
     deltas = summary["ablation_delta"]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = subplots(figsize=(5, 3))
     ax.bar(list(deltas), list(deltas.values()), color="tab:blue")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_ylabel("val ppl(without) - val ppl(all)")
     ax.set_title("compose: what each part is worth")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,13 +231,10 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
 
 
 def _plot_bench(by_n: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxeff.plots import subplots
 
     ns = [int(n) for n in by_n]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = subplots(1, 2, figsize=(9, 3.4))
     for method in METHODS:
         axes[0].plot(ns, [by_n[str(n)][method]["bytes_fwd_bwd"] / 2**20 for n in ns], "o-")
         axes[1].plot(ns, [1e3 * by_n[str(n)][method]["wall_s"] for n in ns], "o-", label=method)
@@ -246,7 +243,6 @@ def _plot_bench(by_n: dict, path: str) -> None:
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- dsp-train
@@ -409,22 +405,30 @@ def run_train(cfg: TrainConfig, workdir: str | None = None, resume: bool = False
 
 
 def _plot_curves(curves: dict, path: str) -> None:
-    import matplotlib
+    from jaxeff.plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = subplots(figsize=(5.5, 3.4))
     ax.plot(curves["single"], label="one device", lw=2.5, alpha=0.6)
     ax.plot(curves["dsp"], "--", label="DSP, 8 devices")
     ax.set(xlabel="step", ylabel="denoising loss", yscale="log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 EXPERIMENTS = {
-    "dsp-bench": Experiment(get_bench_config, run_bench, presets=("smoke", "cpu"), doc=__doc__),
-    "dsp-train": Experiment(get_train_config, run_train, presets=("smoke", "cpu"), doc=__doc__),
+    "dsp-bench": Experiment(
+        get_bench_config,
+        run_bench,
+        doc=__doc__,
+        title="DSP vs Ulysses, ring and Megatron-SP on a spatial-temporal block: bytes sent per "
+        "device and wall time on 2-8 devices.",
+    ),
+    "dsp-train": Experiment(
+        get_train_config,
+        run_train,
+        doc=__doc__,
+        title="The video denoiser trained on one device and with DSP over 8: the loss curves "
+        "must match.",
+    ),
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from typing import Any
@@ -21,7 +23,10 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """``int``, ``tuple[str, ...] | None``, ``MoEConfig | None``: no module paths."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -66,6 +71,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}={value!r} must be an integer")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r} must be a finite number")
             return float(value)
         raise ConfigError(f"{key}={value!r} must be a number")
     if tp is str:
@@ -89,26 +96,34 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def set_path(cfg: Any, dotted: str, value: Any) -> Any:
-    """A copy of dataclass ``cfg`` with ``dotted`` (``a.b.c``) set to ``value`` (type-checked)."""
+def set_path(cfg: Any, dotted: str, value: Any, _prefix: str = "") -> Any:
+    """A copy of dataclass ``cfg`` with ``dotted`` (``a.b.c``) set to ``value`` (type-checked;
+    the dataclass's own ``__post_init__`` checks run too). Errors name the whole dotted key."""
     head, _, rest = dotted.partition(".")
     names = [f.name for f in dataclasses.fields(cfg)]
+    key = _prefix + head
     if head not in names:
         where = type(cfg).__name__
-        raise ConfigError(f"unknown config key {dotted!r} in {where}; allowed: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown config key {_prefix + dotted!r} ({head!r} is not in {where}); "
+            f"allowed: {', '.join(names)}"
+        )
     current = getattr(cfg, head)
     if rest:
         if current is None:
-            current = _default_section(_field_types(type(cfg))[head], head, rest)
+            current = _default_section(_field_types(type(cfg))[head], key, rest)
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"config key {head!r} is a value, not a section: cannot set {rest!r}")
-        new = set_path(current, rest, value)
+            raise ConfigError(f"config key {key!r} is a value, not a section: cannot set {rest!r}")
+        new = set_path(current, rest, value, key + ".")
     else:
-        new = _coerce(value, _field_types(type(cfg))[head], head)
+        new = _checked_sign(type(cfg), key, _coerce(value, _field_types(type(cfg))[head], key))
     try:
         return dataclasses.replace(cfg, **{head: new})
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{dotted}={value!r}: {err}") from err
+        message = " ".join(str(err).split())
+        if head not in message:
+            message = f"{key}={value!r}: {message}"
+        raise ConfigError(message) from err
 
 
 def _default_section(tp, head: str, rest: str):
@@ -151,5 +166,119 @@ def from_dict(cls, data: dict, prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!r}; allowed: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {
+        k: _checked_sign(cls, prefix + k, _coerce(v, hints[k], prefix + k)) for k, v in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def _checked_sign(cls, key: str, value: Any) -> Any:
+    """Integers in configs are counts, sizes and seeds: negative ones are rejected unless the
+    dataclass names the field in ``SIGNED_FIELDS`` (e.g. a mesh axis of ``-1``: fill)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        if key.rpartition(".")[2] not in getattr(cls, "SIGNED_FIELDS", ()):
+            raise ConfigError(f"{key}={value} must be >= 0")
+    return value
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every leaf field of dataclass ``cfg``: ``(dotted key, type name, value)``, nested
+    sections flattened (``model.dim``). A section that is None (``model.moe``) is one entry,
+    followed by its keys with the defaults that setting one of them turns on."""
+    rows = []
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            rows.extend(describe(value, key + "."))
+            continue
+        rows.append((key, _type_name(hints[f.name]), value))
+        if value is None:
+            try:
+                section = _default_section(hints[f.name], key, "")
+            except ConfigError:
+                section = None
+            if section is not None:
+                rows.extend(describe(section, key + "."))
+    return rows
+
+
+def load_config_file(path: str) -> dict:
+    """The JSON object of a config file for ``--config FILE`` (see `apply_mapping`): nested
+    (``{"train": {"steps": 10}}``) or dotted (``{"train.steps": 10}``) keys, or the
+    ``config.json`` a run writes (``{"name": ..., "preset": ..., "config": {...}}``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must hold one JSON object, got {type(data).__name__}")
+    if set(data) >= {"config", "preset"} and isinstance(data["config"], dict):
+        data = data["config"]  # a run's config.json
+    return data
+
+
+def apply_mapping(cfg: Any, data: dict, prefix: str = "") -> Any:
+    """``cfg`` with every key of ``data`` set, type-checked as by `set_path`: keys may be dotted
+    (``{"train.steps": 10}``) or nested objects for sections (``{"train": {"steps": 10}}``); an
+    object given for a dict-typed field is that field's value. Each section is rebuilt once
+    with all its new values, so fields that are checked together (``dim`` and ``n_heads``) may
+    change together."""
+    nested: dict = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or not key or "" in key.split("."):
+            raise ConfigError(f"config keys must be non-empty dotted names, got {key!r}")
+        head, _, rest = key.partition(".")
+        if rest:
+            value = {rest: value}
+        if isinstance(value, dict) and isinstance(nested.get(head), dict):
+            nested[head] = {**nested[head], **value}
+        else:
+            nested[head] = value
+    names = [f.name for f in dataclasses.fields(cfg)]
+    hints = _field_types(type(cfg))
+    changes = {}
+    for head, value in nested.items():
+        key = prefix + head
+        if head not in names:
+            raise ConfigError(
+                f"unknown config key {key!r} ({head!r} is not in {type(cfg).__name__}); "
+                f"allowed: {', '.join(names)}"
+            )
+        if isinstance(value, dict) and _is_section(cfg, head):
+            current = getattr(cfg, head)
+            if current is None:
+                current = _default_section(hints[head], key, "...")
+            changes[head] = apply_mapping(current, value, key + ".")
+        else:
+            changes[head] = _checked_sign(type(cfg), key, _coerce(value, hints[head], key))
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except (TypeError, ValueError) as err:
+        message = f"{prefix.rstrip('.') or type(cfg).__name__}: {err}"
+        raise ConfigError(" ".join(message.split())) from err
+
+
+def _is_section(cfg: Any, dotted: str) -> bool:
+    """Whether ``dotted`` names a dataclass-typed field (possibly None now) of ``cfg``."""
+    node = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {
+            f.name for f in dataclasses.fields(node)
+        }:
+            return False  # set_path reports the unknown key
+        tp = _field_types(type(node))[part]
+        node = getattr(node, part)
+    if dataclasses.is_dataclass(node):
+        return True
+    options = (
+        typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    )
+    return any(dataclasses.is_dataclass(o) for o in options)

@@ -12,6 +12,7 @@ import datetime
 import importlib
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,19 +28,45 @@ class Experiment:
       run: ``run(config, workdir=None, resume=False) -> dict`` of final metrics.
       presets: the preset names ``get_config`` accepts; the first is not the default, "cpu" is.
       doc: the docstring: paper, command, expected result.
+      title: the one-line summary of ``jaxeff list`` when ``doc`` is shared with other
+        experiments (a module docstring); default: the first sentence of ``doc``.
     """
 
     get_config: Callable[[str], Any]
     run: Callable[..., dict]
     presets: tuple[str, ...] = ("smoke", "cpu")
     doc: str = ""
+    title: str = ""
 
     @property
     def summary(self) -> str:
-        return (self.doc.strip().splitlines() or [""])[0]
+        """``title``, else the docstring's first sentence, however many lines it spans."""
+        return self.title or first_sentence(self.doc)
+
+    def preset_help(self, name: str) -> dict[str, str]:
+        """One line per preset: the comment of ``jaxeff run NAME --preset P  # ...`` in the
+        docstring where there is one, else what the preset name means across jaxeff."""
+        found = {}
+        pattern = rf"jaxeff run {re.escape(name)} --preset (\S+)[^#\n]*#\s*(.+)"
+        for preset, comment in re.findall(pattern, self.doc):
+            found.setdefault(preset, comment.strip())
+        return {p: found.get(p) or PRESET_MEANINGS.get(p, "") for p in self.presets}
 
 
 DEFAULT_PRESET = "cpu"
+PRESET_MEANINGS = {
+    "smoke": "seconds; what the tests run",
+    "cpu": "the claim at this machine's scale (2 CPU cores); the default",
+    "demo": "a short showcase run with progress bar and plots",
+    "gpu": "the accelerator-scale run (lowered with jax.export on CPU)",
+}
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of the first paragraph of ``doc``, on one line."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    match = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)(?<!\bvs)\.(\s|$)", paragraph)
+    return paragraph[: match.start() + 1] if match else paragraph
 
 
 def registry() -> dict[str, Experiment]:
@@ -61,14 +88,21 @@ def get_experiment(name: str) -> Experiment:
     return table[name]
 
 
-def resolve_config(name: str, preset: str | None, overrides: list[str]):
+def resolve_config(
+    name: str, preset: str | None, overrides: list[str], config_file: str | None = None
+):
+    """``(experiment, config)``: the preset's config with ``config_file`` (JSON, see
+    `jaxeff.config.apply_mapping`) and then the ``key=value`` overrides applied."""
     exp = get_experiment(name)
     preset = preset or DEFAULT_PRESET
     if preset not in exp.presets:
         raise config_lib.ConfigError(
             f"unknown preset {preset!r} for {name}; allowed: {', '.join(exp.presets)}"
         )
-    return exp, config_lib.apply_overrides(exp.get_config(preset), overrides)
+    cfg = exp.get_config(preset)
+    if config_file is not None:
+        cfg = config_lib.apply_mapping(cfg, config_lib.load_config_file(config_file))
+    return exp, config_lib.apply_overrides(cfg, overrides)
 
 
 def newest_run_dir(name: str, root: str = "runs") -> str | None:
@@ -85,11 +119,15 @@ def prepare_run(
     overrides: list[str] | None = None,
     out: str | None = None,
     resume: bool = False,
+    config_file: str | None = None,
 ):
     """Validates everything and picks the run directory; returns ``(experiment, config,
-    workdir)``. Raises ConfigError on a bad name, preset, key, value or resume target."""
+    workdir)``. Raises ConfigError on a bad name, preset, key, value, ``--config`` file,
+    ``--out`` directory or resume target."""
     overrides = list(overrides or [])
     exp = get_experiment(name)
+    if out is not None:
+        _check_out_dir(out)
     if resume:
         workdir = out or newest_run_dir(name)
         saved = os.path.join(workdir, "config.json") if workdir else None
@@ -106,17 +144,36 @@ def prepare_run(
             )
         cfg = exp.get_config(data["preset"])
         cfg = config_lib.from_dict(type(cfg), data["config"])
+        if config_file is not None:
+            cfg = config_lib.apply_mapping(cfg, config_lib.load_config_file(config_file))
         cfg = config_lib.apply_overrides(cfg, overrides)
         preset = data["preset"]
     else:
-        exp, cfg = resolve_config(name, preset, overrides)
+        exp, cfg = resolve_config(name, preset, overrides, config_file)
         preset = preset or DEFAULT_PRESET
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         workdir = out or os.path.join("runs", name, stamp)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise config_lib.ConfigError(
+            f"--out {workdir}: cannot create the run directory ({err.strerror or err})"
+        ) from err
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump({"name": name, "preset": preset, "config": config_lib.to_dict(cfg)}, f, indent=1)
     return exp, cfg, workdir
+
+
+def _check_out_dir(out: str) -> None:
+    """``--out`` must be a directory or a path that can become one (no file at or above it)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise config_lib.ConfigError(f"--out {out}: is a file, not a directory")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise config_lib.ConfigError(f"--out {out}: {parent} is a file, not a directory")
 
 
 def run_experiment(exp: Experiment, cfg, workdir: str, resume: bool = False) -> dict:

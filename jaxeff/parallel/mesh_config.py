@@ -24,6 +24,8 @@ class MeshConfig:
     seq: int = 1
     clients: int = 1
 
+    SIGNED_FIELDS = ("data", "fsdp", "tensor", "expert", "seq", "clients")  # -1: fill
+
     def __post_init__(self):
         sizes = dataclasses.asdict(self)
         for name, size in sizes.items():

@@ -86,6 +86,14 @@ class OptimConfig:
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optim.name={self.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+        for name in ("learning_rate", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"optim.clip_norm={self.clip_norm!r} must be > 0 (or null: none)")
 
     def build(self, steps: int):
         """The optax transformation of a run of ``steps`` steps."""
@@ -117,6 +125,22 @@ class TrainConfig:
     # the global batch is read as this many grain shards (0: one per process); runs with the
     # same value see the same batches whatever the number of processes
     data_shards: int = 0
+
+    def __post_init__(self):
+        for name in (
+            "batch_size",
+            "steps",
+            "log_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
+        for name in ("eval_every", "data_shards"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must be >= 0")
 
     def loop(self, **overrides):
         """The `LoopConfig` of these steps and cadences (``overrides`` replace fields)."""
