@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -60,10 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--system", default=None, help="system message")
         p.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M)")
-        p.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 256)
-        p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7)
-        p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--max-new-tokens", type=_count(1), default=64 if name == "generate" else 256
+        )
+        p.add_argument(
+            "--temperature",
+            type=_number(0.0, None),
+            default=0.0 if name == "generate" else 0.7,
+            help="0: greedy",
+        )
+        p.add_argument(
+            "--top-p",
+            type=_number(0.0, 1.0, low_open=True),
+            default=1.0 if name == "generate" else 0.9,
+        )
+        p.add_argument("--seed", type=_count(0), default=0)
     serve = sub.add_parser("serve", help="serve a local GGUF model as an OpenAI-compatible API")
     serve.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost)")
@@ -88,6 +100,38 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config field; the value is parsed as JSON when it can be",
     )
+
+
+def _count(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None, low_open: bool = False):
+    """An argparse type: a finite number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    allowed = ("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high is None else f"{high:g}]")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if low_open else value >= low)
+        if not ok or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a number in {allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:

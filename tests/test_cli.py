@@ -44,6 +44,13 @@ def test_list_shows_every_experiment_without_importing_jax():
         (["fly"], "invalid choice"),
         (["run"], "experiment name"),
         (["run", "lm", "--bogus"], "unrecognized arguments"),
+        (["generate", "hi", "--max-new-tokens", "-5"], "must be an integer >= 1, got -5"),
+        (["generate", "hi", "--top-p", "1.5"], "must be a number in (0, 1]"),
+        (["chat", "--temperature", "nan"], "must be a number in [0, inf)"),
+        (["generate", "hi", "--model", "missing.gguf"], "GGUF file 'missing.gguf' does not exist"),
+        (["serve", "--port", "-1"], "must be in 0-65535, got -1"),
+        (["show", "lm", "--config", "missing.json"], "--config missing.json: cannot read it"),
+        (["run", "lm", "--set", "train.log_every=0"], "train.log_every=0 must be an integer >= 1"),
     ],
 )
 def test_error_paths_exit_2_with_one_line(args, needle, tmp_path):
