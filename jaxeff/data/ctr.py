@@ -223,20 +223,25 @@ def log_loss(labels, probs, eps: float = 1e-7) -> float:
 def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
     if not os.path.isfile(path):
         raise ValueError(f"CTR CSV file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path}: empty file, expected a CSV header")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(
-                    f"{path}:{line_no}: {len(row)} values for {len(header)} header columns"
-                )
-            rows.append(row)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{path}: empty file, expected a CSV header")
+            rows = []
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{path}:{line_no}: {len(row)} values for {len(header)} header columns"
+                    )
+                rows.append(row)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a UTF-8 text CSV file ({err})") from err
+        except csv.Error as err:
+            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
     return [h.strip() for h in header], rows
 
 
@@ -264,10 +269,10 @@ def _load_feature_map(path: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
         order = sorted(range(len(items)), key=lambda i: (items[i][1].get("index", i), i))
         names = tuple(items[i][0] for i in order)
         sizes = tuple(int(items[i][1]["vocab_size"]) for i in order)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
         raise ValueError(
             f"{path}: not a FuxiCTR feature_map.json (needs feature_specs with a vocab_size "
-            f"per categorical feature): {e!r}"
+            f"per categorical feature): {type(e).__name__}: {e}"
         ) from None
     if not names:
         raise ValueError(f"{path}: no categorical features in feature_specs")

@@ -884,7 +884,11 @@ def read_vript_json(path: str | os.PathLike) -> VriptVideo:
             doc = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such Vript caption file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ValueError(
+            f"{path}: cannot read the Vript caption file ({e.strerror or e})"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return parse_vript(doc, source=path)
 

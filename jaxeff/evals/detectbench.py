@@ -118,15 +118,22 @@ def load_jsonl(path: str | os.PathLike) -> list[Item]:
     if not os.path.isfile(path):
         raise ValueError(f"DetectBench file {path!r} does not exist")
     items = []
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a byte that is not UTF-8 is reported with its line, not while reading
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
             items.append(item_from_record(record, where))
     if not items:
         raise ValueError(f"DetectBench file {path!r} holds no items")

@@ -111,6 +111,15 @@ def read_predictions(path: str | os.PathLike) -> list[Row]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"predictions CSV {path!r} does not exist")
+    try:
+        return _read_predictions(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text CSV file ({err})") from err
+    except csv.Error as err:
+        raise ValueError(f"{path}: malformed CSV ({err})") from err
+
+
+def _read_predictions(path: str) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)

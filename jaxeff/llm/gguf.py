@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -106,9 +107,33 @@ def _open(path) -> Any:
                 )
     except Exception as err:  # noqa: BLE001 - the reader raises many kinds on a bad file
         raise ValueError(
-            f"{path!r} is not a readable GGUF file (truncated or another format): {err}"
+            f"{path!r} is not a readable GGUF file (truncated or another format): {_one_line(err)}"
         ) from err
     return reader
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Errors raised while interpreting an open GGUF file's contents (a metadata string that
+    is not UTF-8, a value of the wrong type, a vocabulary the tokenizer rejects...) become one
+    ValueError that names the file; ValueErrors that already name it pass unchanged."""
+    try:
+        yield
+    except ValueError as err:
+        if not isinstance(err, UnicodeDecodeError) and (repr(path) in str(err) or path in str(err)):
+            raise
+        raise ValueError(f"GGUF file {path!r}: {_one_line(err)}") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - gguf, numpy and tokenizers raise many kinds
+        raise ValueError(
+            f"GGUF file {path!r} has malformed metadata or tensors "
+            f"({type(err).__name__}: {_one_line(err)})"
+        ) from err
 
 
 _MISSING = object()
@@ -121,6 +146,18 @@ def _field(reader, key: str, default: Any = _MISSING) -> Any:
             raise ValueError(f"GGUF file {reader.data.filename!r} lacks metadata key {key!r}")
         return default
     return field.contents()
+
+
+def _num(reader, key: str, kind: type, default: Any = _MISSING) -> Any:
+    """A numeric metadata value as ``kind`` (int or float); a ValueError names the key."""
+    value = _field(reader, key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"GGUF file {reader.data.filename!r}: metadata {key!r} must be a number, got "
+            f"{value!r:.80}"
+        ) from None
 
 
 def _dequantizable(qtype) -> bool:
@@ -163,19 +200,19 @@ def _config_from_reader(reader, path: str, dtype: str) -> TransformerConfig:
     cfg = TransformerConfig(
         vocab_size=len(reader.get_field("tokenizer.ggml.tokens").data)
         if reader.get_field("tokenizer.ggml.tokens") is not None
-        else int(_field(reader, "llama.vocab_size")),
-        dim=int(_field(reader, "llama.embedding_length")),
-        n_layers=int(_field(reader, "llama.block_count")),
-        n_heads=int(_field(reader, "llama.attention.head_count")),
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv")),
-        ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-        max_seq_len=int(_field(reader, "llama.context_length")),
-        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        else _num(reader, "llama.vocab_size", int),
+        dim=_num(reader, "llama.embedding_length", int),
+        n_layers=_num(reader, "llama.block_count", int),
+        n_heads=_num(reader, "llama.attention.head_count", int),
+        n_kv_heads=_num(reader, "llama.attention.head_count_kv", int),
+        ffn_dim=_num(reader, "llama.feed_forward_length", int),
+        max_seq_len=_num(reader, "llama.context_length", int),
+        rope_base=_num(reader, "llama.rope.freq_base", float, 10000.0),
+        norm_eps=_num(reader, "llama.attention.layer_norm_rms_epsilon", float),
         tie_embeddings="output.weight" not in names,
         dtype=dtype,
     )
-    rope_dim = int(_field(reader, "llama.rope.dimension_count", cfg.head_dim))
+    rope_dim = _num(reader, "llama.rope.dimension_count", int, cfg.head_dim)
     if rope_dim != cfg.head_dim:
         raise ValueError(
             f"GGUF file {path!r}: llama.rope.dimension_count={rope_dim} but head_dim="
@@ -196,7 +233,9 @@ def read_gguf_config(path, *, dtype: str = "float32") -> TransformerConfig:
         ``llama``; a tensor has a type ``gguf.quants`` cannot dequantize.
     """
     path = os.fspath(path)
-    return _config_from_reader(_open(path), path, dtype)
+    reader = _open(path)
+    with _naming(path):
+        return _config_from_reader(reader, path, dtype)
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -443,10 +482,11 @@ def load_gguf(
         chat_args = json.loads(meta["chat"])
     else:
         reader = _open(path)
-        cfg = _config_from_reader(reader, path, dtype)
-        chat_args = _chat_from_reader(reader, path)
-        tokenizer = build_tokenizer(reader)
-        arrays = _weights_from_reader(reader, cfg, path)
+        with _naming(path):
+            cfg = _config_from_reader(reader, path, dtype)
+            chat_args = _chat_from_reader(reader, path)
+            tokenizer = build_tokenizer(reader)
+            arrays = _weights_from_reader(reader, cfg, path)
         config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
         meta = {
             "format": _CACHE_FORMAT,
@@ -458,7 +498,8 @@ def load_gguf(
     # Validate the template before the (slower) cache write, so a bad file is not cached.
     text = chat_args.pop("text")
     chat_args["stop_ids"] = tuple(chat_args["stop_ids"])
-    chat = ChatTemplate.from_jinja(text, **chat_args)
+    with _naming(path):
+        chat = ChatTemplate.from_jinja(text, **chat_args)
     if cached is None:
         _write_cache(file, arrays, meta)
     return _build_model(cfg, arrays), tokenizer, chat

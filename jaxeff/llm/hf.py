@@ -39,6 +39,14 @@ _BLOCK = {
     "mlp.down.kernel": "mlp.down_proj.weight",
 }
 _WEIGHTS = "model.safetensors"
+_REQUIRED_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_OPTIONAL_INTS = ("num_key_value_heads", "max_position_embeddings", "head_dim")
 
 
 def hf_config(cfg: TransformerConfig, **ids) -> dict:
@@ -115,7 +123,13 @@ def save_llama(model: Transformer, directory: str, tokenizer=None, chat=None) ->
     """
     from safetensors.numpy import save_file
 
-    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"export: {directory!r} exists and is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or err
+        raise ValueError(f"export: cannot create directory {directory!r} ({reason})") from err
     ids = {}
     if chat is not None:
         ids = {
@@ -153,6 +167,8 @@ _CHATML_JINJA = (
 
 def config_from_hf(config: dict, dtype: str = "float32") -> TransformerConfig:
     """A `TransformerConfig` from a Llama ``config.json`` dict."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {type(config).__name__}")
     if config.get("model_type") != "llama":
         raise ValueError(f"config.json: model_type={config.get('model_type')!r}; allowed: 'llama'")
     for flag in ("attention_bias", "mlp_bias"):
@@ -161,6 +177,17 @@ def config_from_hf(config: dict, dtype: str = "float32") -> TransformerConfig:
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
         raise ValueError("config.json: only rope_type 'default' (no rope scaling) is supported")
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+        value = config.get(key)
+        if value is None and key in _OPTIONAL_INTS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            got = "missing" if key not in config else repr(value)
+            raise ValueError(f"config.json: {key} must be a positive integer, got {got}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"config.json: {key} must be a number, got {value!r}")
     dim, heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim", dim // heads) != dim // heads:
         raise ValueError("config.json: head_dim must equal hidden_size / num_attention_heads")
@@ -180,7 +207,13 @@ def config_from_hf(config: dict, dtype: str = "float32") -> TransformerConfig:
 
 
 def load_llama(directory: str, dtype: str = "float32") -> Transformer:
-    """A `Transformer` from an HF Llama directory (``config.json`` + ``model.safetensors``)."""
+    """A `Transformer` from an HF Llama directory (``config.json`` + ``model.safetensors``).
+
+    Raises:
+      ValueError: naming the file, when either is missing, ``config.json`` is not JSON or not
+        a supported Llama config, or the safetensors file is unreadable, lacks a tensor or
+        holds one whose shape disagrees with the config.
+    """
     from safetensors import SafetensorError, safe_open
 
     from jaxeff.llm.gguf import _build_model
@@ -189,26 +222,56 @@ def load_llama(directory: str, dtype: str = "float32") -> Transformer:
     for name, path in paths.items():
         if not os.path.isfile(path):
             raise ValueError(f"{directory!r} is not a Llama checkpoint: {name} is missing")
-    with open(paths["config.json"]) as f:
-        cfg = config_from_hf(json.load(f), dtype)
+    try:
+        with open(paths["config.json"], encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        line = (str(err).splitlines() or [""])[0]
+        raise ValueError(f"{paths['config.json']} is not valid JSON ({line})") from err
+    try:
+        cfg = config_from_hf(config, dtype)
+    except ValueError as err:
+        reason = str(err).removeprefix("config.json: ")
+        raise ValueError(f"{paths['config.json']}: {reason}") from err
     try:
         with safe_open(paths[_WEIGHTS], framework="numpy") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, TypeError) as err:  # TypeError: bfloat16 in numpy
         raise ValueError(f"{paths[_WEIGHTS]} is not a readable safetensors file ({err})") from err
 
-    def get(name):
+    d, f, h, v = cfg.dim, cfg.ffn_dim, cfg.head_dim, cfg.vocab_size
+    q, kv = cfg.n_heads * h, cfg.n_kv_heads * h
+    block_shapes = {
+        "input_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "post_attention_layernorm.weight": (d,),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+
+    def get(name, shape):
         if name not in tensors:
             raise ValueError(f"{paths[_WEIGHTS]} lacks tensor {name!r}")
-        return np.asarray(tensors[name], np.float32)
+        w = tensors[name]
+        if tuple(w.shape) != shape:
+            raise ValueError(
+                f"{paths[_WEIGHTS]}: tensor {name!r} has shape {tuple(w.shape)}, "
+                f"config.json implies {shape}"
+            )
+        return np.asarray(w, np.float32)
 
-    arrays = {"embed.embedding": get("model.embed_tokens.weight")}
+    arrays = {"embed.embedding": get("model.embed_tokens.weight", (v, d))}
     for ours, theirs in _BLOCK.items():
-        layers = [get(f"model.layers.{i}.{theirs}") for i in range(cfg.n_layers)]
+        shape = block_shapes[theirs]
+        layers = [get(f"model.layers.{i}.{theirs}", shape) for i in range(cfg.n_layers)]
         arrays[f"blocks.{ours}"] = np.stack([w.T if w.ndim == 2 else w for w in layers])
-    arrays["final_norm.scale"] = get("model.norm.weight")
+    arrays["final_norm.scale"] = get("model.norm.weight", (d,))
     if not cfg.tie_embeddings:
-        arrays["lm_head.kernel"] = np.ascontiguousarray(get("lm_head.weight").T)
+        arrays["lm_head.kernel"] = np.ascontiguousarray(get("lm_head.weight", (v, d)).T)
     return _build_model(cfg, arrays)
 
 

@@ -187,16 +187,37 @@ def save_adapter(directory: str, model: nnx.Module, cfg: LoRAConfig) -> str:
 
 
 def read_adapter_config(directory: str) -> LoRAConfig:
+    """The `LoRAConfig` saved in ``directory/adapter_config.json`` (as `save_adapter` writes
+    it: ``rank``, ``alpha``, ``targets`` and ``seed``); a ValueError names the file."""
     path = os.path.join(directory, _CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{directory!r} is not a saved adapter: {_CONFIG_FILE} is missing")
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        line = (str(err).splitlines() or [""])[0]
+        raise ValueError(f"{path}: not valid JSON ({line})") from err
     allowed = {f.name for f in dataclasses.fields(LoRAConfig)}
     if not isinstance(data, dict) or set(data) - allowed:
         raise ValueError(f"{path}: expected an object with keys {sorted(allowed)}")
-    data["targets"] = tuple(data.get("targets", ()))
-    return LoRAConfig(**data)
+    targets = data.get("targets")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        got = "missing" if "targets" not in data else repr(targets)
+        raise ValueError(f"{path}: 'targets' must be a list of projection names, got {got}")
+    for key, kinds, what in (
+        ("rank", int, "an integer"),
+        ("alpha", (int, float), "a number"),
+        ("seed", int, "an integer"),
+    ):
+        value = data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{path}: {key!r} must be {what}, got {value!r}")
+    data["targets"] = tuple(targets)
+    try:
+        return LoRAConfig(**data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def load_adapter(directory: str, model: nnx.Module) -> nnx.Module:
