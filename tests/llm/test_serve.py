@@ -95,5 +95,5 @@ def test_cli_serve_help_and_bad_port():
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 2 and "invalid int value: 'x'" in out.stderr
+    assert out.returncode == 2 and "must be an integer in 0-65535, got 'x'" in out.stderr
     assert out.stderr.count("\n") == 1
