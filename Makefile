@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
+# pytest worker processes (pytest-xdist; one test file per worker at a time): 2 uses both
+# cores of the CI machine; more needs ~3 GB of memory each (8-device subprocesses, SmolLM2)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test notebooks install-demo install-test lint freeze
 
@@ -29,7 +32,7 @@ demo: install-demo
 	$(BIN)/jaxeff run lm --preset demo
 
 test: install-test
-	$(BIN)/python -m pytest --nbmake --durations=15 tests notebooks $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --nbmake --durations=15 -n $(TEST_WORKERS) --dist loadfile tests notebooks $(PYTEST_ARGS)
 
 # Execute every notebook in place and save it with its outputs (plots included), so that a git
 # host renders them; CI runs them again through nbmake. NOTEBOOKS=notebooks/06_*.ipynb for one.

@@ -17,10 +17,17 @@ def model():
     return Transformer(CFG, rngs=nnx.Rngs(5))
 
 
-def _greedy_by_recompute(model, prompt, n):
+def _greedy_by_recompute(model, prompt, n, width=32):
+    """Greedy decoding by a full causal forward over the whole sequence at every step (no
+    cache). The sequence is right-padded to ``width`` so one compiled forward serves every
+    step: causal attention keeps the padding out of the logits at the last real position."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0][0, -1])))
+        padded = ids + [0] * (width - len(ids))
+        logits = forward(state, jnp.asarray([padded]))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
     return ids[len(prompt) :]
 
 
