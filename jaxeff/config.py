@@ -175,12 +175,29 @@ def from_dict(cls, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
 
 
+# Integer fields that are sizes, counts or cadences wherever they appear: 0 is never meaningful
+# (a batch of 0, a model of width 0, "every 0 steps") and would divide by zero or loop forever.
+POSITIVE_INT_FIELDS = frozenset(
+    """steps batch batch_size epochs rounds dim heads depth seq_len vocab_size frames height width
+    patch channels n_layers n_heads n_kv_heads ffn_dim hidden every log_every checkpoint_every
+    keep_checkpoints eval_batches eval_batch eval_batch_size local_steps client_batch num_experts
+    top_k expert_dim repeats timing_repeats matmul_repeats timed_steps seeds max_new_tokens bucket
+    max_batch max_seq_len query_chunk iters k route_every max_len embed_dim patches image_size
+    clips train_clips devices ep_devices mlp_ratio enc_layers dec_layers src_vocab tgt_vocab
+    text_vocab num_frames""".split()
+)
+
+
 def _checked_sign(cls, key: str, value: Any) -> Any:
     """Integers in configs are counts, sizes and seeds: negative ones are rejected unless the
-    dataclass names the field in ``SIGNED_FIELDS`` (e.g. a mesh axis of ``-1``: fill)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        if key.rpartition(".")[2] not in getattr(cls, "SIGNED_FIELDS", ()):
+    dataclass names the field in ``SIGNED_FIELDS`` (e.g. a mesh axis of ``-1``: fill), and 0
+    where the field's name is one of `POSITIVE_INT_FIELDS`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        name = key.rpartition(".")[2]
+        if value < 0 and name not in getattr(cls, "SIGNED_FIELDS", ()):
             raise ConfigError(f"{key}={value} must be >= 0")
+        if value == 0 and name in POSITIVE_INT_FIELDS:
+            raise ConfigError(f"{key}=0 must be >= 1")
     return value
 
 
