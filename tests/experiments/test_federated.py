@@ -76,8 +76,10 @@ def test_dept_smoke_contract_and_communication(tmp_path):
 def test_photon_flower_equals_the_mesh_run(tmp_path):
     cfg = exp.get_flower_config("smoke")
     out = exp.run_photon_flower(cfg, workdir=str(tmp_path))
-    assert out["clients"] == 3 and out["rounds"] == cfg.photon.rounds
+    clients = cfg.photon.python_silos + 1
+    assert clients >= 2 and cfg.photon.rounds >= 2  # averaging, and state kept across rounds
+    assert out["clients"] == clients and out["rounds"] == cfg.photon.rounds
     assert out["max_abs_diff_vs_mesh"] <= 1e-5
     np.testing.assert_allclose(out["ppl_by_round"]["flower"], out["ppl_by_round"]["mesh"], 1e-5)
-    assert [e["accepted"] for e in out["events"]] == [[0, 1, 2]] * cfg.photon.rounds
+    assert [e["accepted"] for e in out["events"]] == [list(range(clients))] * cfg.photon.rounds
     assert os.path.isdir(os.path.join(tmp_path, "flower", "checkpoints"))
