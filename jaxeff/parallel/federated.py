@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "clients"
@@ -445,6 +446,10 @@ def run_rounds(
     server, clients = init(
         task.params, task.inner_tx, task.outer_tx, task.num_clients, task.client_params
     )
+    # placed as round_fn returns them (server replicated, clients split over the clients
+    # axis), so that the first round compiles the same program as every later one
+    server = jax.device_put(server, NamedSharding(mesh, P()))
+    clients = jax.device_put(clients, NamedSharding(mesh, P(AXIS)))
     masks = task.masks if task.masks is not None else full_masks(task.params, task.num_clients)
     round_fn = make_round(task.loss_fn, task.inner_tx, task.outer_tx, mesh)
     for r in tqdm(range(rounds), desc="rounds", disable=not progress):

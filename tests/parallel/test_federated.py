@@ -248,3 +248,33 @@ def test_run_rounds_on_a_batch_without_tokens_uses_equal_or_named_weights(weight
     np.testing.assert_allclose(server.params["w"], w0["w"] - lr * mean_grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="weight_key 'count' is not in the batch; it has 'x'"):
         fed.client_weights(batches, "count")
+
+
+def test_later_rounds_reuse_the_first_rounds_program():
+    """The initial state is placed as the round returns it, so round 2 does not retrace."""
+    rng = np.random.default_rng(1)
+    C, B, D = 4, 3, 5
+    batches = {
+        "x": rng.normal(size=(C, 1, B, D)).astype(np.float32),
+        "y": rng.normal(size=(C, 1, B)).astype(np.float32),
+    }
+    traces = []
+
+    def loss_fn(p, b):
+        traces.append(1)  # runs once per trace, not per call
+        return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+
+    def traces_for(rounds):
+        traces.clear()
+        task = fed.FederatedTask(
+            params={"w": jnp.ones(D)},
+            loss_fn=loss_fn,
+            inner_tx=optax.adam(0.1),
+            outer_tx=fed.outer_optimizer("fedavg"),
+            num_clients=C,
+            client_batches=lambda c, r: jax.tree.map(lambda v: v[c], batches),
+        )
+        fed.run_rounds(task, rounds, fed.largest_mesh(C))
+        return len(traces)
+
+    assert traces_for(1) > 0 and traces_for(3) == traces_for(1)
