@@ -141,12 +141,13 @@ class MsierConfig:
 def get_config(preset: str) -> MsierConfig:
     if preset == "smoke":
         return MsierConfig(
-            data=DataConfig(n_pool=60, n_train=6, n_test=8),
-            # the pre-training of tests/nn/test_clip.py: one per test session
-            clip=ClipConfig(steps=150, batch=64, pool=1024),
+            data=DataConfig(n_pool=60, n_train=6, n_test=4),
+            # a few steps: the tests check the pipeline and the LM's scores, not what CLIP
+            # learned (that is tests/nn/test_clip.py)
+            clip=ClipConfig(steps=10, batch=32, pool=256, warmup=2),
             scoring=ScoringConfig(candidates=12, n_pos=3, n_neg=3, batch_size=36),
             retriever=RetrieverTrainConfig(steps=20, batch=4, hidden=32),
-            eval=EvalConfig(shots=2, batch_size=8, text_ablation=False),
+            eval=EvalConfig(shots=2, batch_size=4, text_ablation=False),
             progress=False,
         )
     if preset == "cpu":

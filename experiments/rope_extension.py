@@ -151,7 +151,7 @@ def get_config(preset: str) -> RopeExtConfig:
                 progress=False,
             ),
             eval=EvalConfig(
-                lengths=(128, 256),
+                lengths=(128,),  # 2 L0: beyond the training length, and the continual one
                 passkey_items=8,
                 text_tokens=1024,
                 batch_tokens=1024,

@@ -21,11 +21,11 @@ def backend(smollm2):
 
 
 def test_letter_scores_equal_score_options(backend):
-    convs = [exp.messages(item, "detective") for item in (*db.SAMPLE_ITEMS, db.SAMPLE_ITEMS[0])]
-    prefixes = ["", "Flour was found on the study door handle. Only the cook had flour.", "", ""]
-    # four rows of one 256 bucket: the shape the smoke run compiles too
-    ours = exp.letter_logprobs(backend, convs, prefixes, [4] * 4, bucket=256)
-    for conv, prefix, mine in list(zip(convs, prefixes, ours, strict=True))[:2]:
+    convs = [exp.messages(item, "detective") for item in db.SAMPLE_ITEMS[:2]]
+    prefixes = ["", "Flour was found on the study door handle. Only the cook had flour."]
+    # two rows of one 256 bucket: the shape the smoke run compiles too
+    ours = exp.letter_logprobs(backend, convs, prefixes, [4] * 2, bucket=256)
+    for conv, prefix, mine in zip(convs, prefixes, ours, strict=True):
         ref = backend.score_options(conv, exp.answer_continuations(prefix, 4))
         # the options share everything but the letter: differences between options agree
         np.testing.assert_allclose(np.subtract(mine, mine[0]), np.subtract(ref, ref[0]), atol=2e-3)
@@ -38,7 +38,9 @@ def test_letter_scores_equal_score_options(backend):
 
 
 def test_detective_smoke_contract_on_a_user_file(backend, tmp_path):
-    items = [*db.SAMPLE_ITEMS, det.make_puzzle(7)]
+    # two items (one self-written, one generated): the smoke's letter rows match the shape
+    # compiled above, and every SmolLM2 pass is half the work of four rows
+    items = [db.SAMPLE_ITEMS[0], det.make_puzzle(7)]
     path = tmp_path / "dev.jsonl"
     db.write_jsonl(items, path)
     cfg = dataclasses.replace(exp.get_config("smoke"), data_path=str(path))
