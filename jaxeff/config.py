@@ -103,11 +103,7 @@ def set_path(cfg: Any, dotted: str, value: Any, _prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cfg)]
     key = _prefix + head
     if head not in names:
-        where = type(cfg).__name__
-        raise ConfigError(
-            f"unknown config key {_prefix + dotted!r} ({head!r} is not in {where}); "
-            f"allowed: {', '.join(names)}"
-        )
+        raise _unknown_key(cfg, _prefix + dotted, head)
     current = getattr(cfg, head)
     if rest:
         if current is None:
@@ -124,6 +120,14 @@ def set_path(cfg: Any, dotted: str, value: Any, _prefix: str = "") -> Any:
         if head not in message:
             message = f"{key}={value!r}: {message}"
         raise ConfigError(message) from err
+
+
+def _unknown_key(cfg: Any, key: str, head: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cfg)]
+    return ConfigError(
+        f"unknown config key {key!r} ({head!r} is not in {type(cfg).__name__}); "
+        f"allowed: {', '.join(names)}"
+    )
 
 
 def _default_section(tp, head: str, rest: str):
@@ -265,10 +269,7 @@ def apply_mapping(cfg: Any, data: dict, prefix: str = "") -> Any:
     for head, value in nested.items():
         key = prefix + head
         if head not in names:
-            raise ConfigError(
-                f"unknown config key {key!r} ({head!r} is not in {type(cfg).__name__}); "
-                f"allowed: {', '.join(names)}"
-            )
+            raise _unknown_key(cfg, key, head)
         if isinstance(value, dict) and _is_section(cfg, head):
             current = getattr(cfg, head)
             if current is None:
@@ -283,19 +284,10 @@ def apply_mapping(cfg: Any, data: dict, prefix: str = "") -> Any:
         raise ConfigError(" ".join(message.split())) from err
 
 
-def _is_section(cfg: Any, dotted: str) -> bool:
-    """Whether ``dotted`` names a dataclass-typed field (possibly None now) of ``cfg``."""
-    node = cfg
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node) or part not in {
-            f.name for f in dataclasses.fields(node)
-        }:
-            return False  # set_path reports the unknown key
-        tp = _field_types(type(node))[part]
-        node = getattr(node, part)
-    if dataclasses.is_dataclass(node):
+def _is_section(cfg: Any, name: str) -> bool:
+    """Whether field ``name`` of ``cfg`` is dataclass-typed (a section; possibly None now)."""
+    if dataclasses.is_dataclass(getattr(cfg, name)):
         return True
-    options = (
-        typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    )
-    return any(dataclasses.is_dataclass(o) for o in options)
+    tp = _field_types(type(cfg))[name]
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return any(dataclasses.is_dataclass(o) for o in (typing.get_args(tp) if union else (tp,)))

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxeff.optim._checks import check_range, is_concrete_zero
-from jaxeff.optim._tree import global_norm, perturb
+from jaxeff.optim._tree import global_norm, has_masked_node, perturb
 
 __all__ = [
     "HelenState",
@@ -206,7 +206,7 @@ def scale_by_helen(
         del extra_args
         if params is None or grad_fn is None or counts is None:
             raise ValueError("scale_by_helen.update needs params, grad_fn=... and counts=...")
-        if _has_masked_node(params) or _has_masked_node(updates):
+        if has_masked_node(params) or has_masked_node(updates):
             raise ValueError(
                 "scale_by_helen got masked parameters (optax.MaskedNode): Helen cannot run "
                 "inside optax.multi_transform or optax.masked, its perturbation needs the whole "
@@ -315,11 +315,6 @@ def _check_helen_args(owner, rho, bound, b1, b2, eps, weight_decay, norm_eps) ->
     check_range(owner, "eps", eps, low=0.0)
     check_range(owner, "weight_decay", weight_decay, low=0.0)
     check_range(owner, "norm_eps", norm_eps, low=0.0)
-
-
-def _has_masked_node(tree) -> bool:
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
 
 
 def _check_tables(params, tables: tuple[str, ...]) -> None:

@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxeff.optim._checks import check_range, concrete_scalar
-from jaxeff.optim._tree import global_norm, perturb, vdot
+from jaxeff.optim._tree import global_norm, has_masked_node, is_masked, perturb, vdot
 
 GradFn = Callable[[Any], Any]
 
@@ -124,14 +124,6 @@ def _check(grad_fn, params, name):
         raise ValueError(f"{name}.update needs params (the perturbation is added to them)")
 
 
-def _is_masked(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def _has_masked_node(tree) -> bool:
-    return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
-
-
 def masked_grad_fn(grad_fn: GradFn, params) -> GradFn:
     """``grad_fn`` made callable on a masked part of ``params``, for SAM in ``multi_transform``.
 
@@ -164,10 +156,10 @@ def masked_grad_fn(grad_fn: GradFn, params) -> GradFn:
     """
 
     def fill(part, whole):
-        return whole if _is_masked(part) else part
+        return whole if is_masked(part) else part
 
     def completed_grad_fn(partial_params):
-        return grad_fn(jax.tree.map(fill, partial_params, params, is_leaf=_is_masked))
+        return grad_fn(jax.tree.map(fill, partial_params, params, is_leaf=is_masked))
 
     completed_grad_fn.accepts_masked_params = True
     return completed_grad_fn
@@ -175,7 +167,7 @@ def masked_grad_fn(grad_fn: GradFn, params) -> GradFn:
 
 def _masked_like(tree, like):
     """``tree`` (whole) with ``optax.MaskedNode`` where ``like`` (masked) has one."""
-    return jax.tree.map(lambda m, x: m if _is_masked(m) else x, like, tree, is_leaf=_is_masked)
+    return jax.tree.map(lambda m, x: m if is_masked(m) else x, like, tree, is_leaf=is_masked)
 
 
 def sam_gradient(grads, params, grad_fn: GradFn, rho, eps: float = 1e-12):
@@ -353,7 +345,7 @@ def _wrap(inner: optax.GradientTransformation, name: str, direction_fn):
 
     def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
         _check(grad_fn, params, name)
-        if _has_masked_node(params) or _has_masked_node(updates):
+        if has_masked_node(params) or has_masked_node(updates):
             # inside optax.multi_transform / optax.masked: only this part of the params is here
             if not getattr(grad_fn, "accepts_masked_params", False):
                 raise ValueError(

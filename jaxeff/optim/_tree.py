@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def global_norm(tree) -> jax.Array:
@@ -33,3 +34,13 @@ def perturb(params, direction, scale):
     return jax.tree.map(
         lambda p, d: (p + scale * d.astype(jnp.float32)).astype(p.dtype), params, direction
     )
+
+
+def is_masked(x) -> bool:
+    """Whether ``x`` is an ``optax.MaskedNode`` (a leaf ``optax.masked`` hid)."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def has_masked_node(tree) -> bool:
+    """Whether ``tree`` holds a ``optax.MaskedNode`` (it is a masked part of the parameters)."""
+    return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
