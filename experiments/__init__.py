@@ -18,6 +18,7 @@ MODULES = (
     "scale",
     "inference",
     "mod",
+    "kernels",
     "videollm_mod",
     "detective",
     "msier",

@@ -29,6 +29,11 @@ Implementations (`IMPLEMENTATIONS`, chosen by ``implementation=`` or, for models
   (cuDNN aligns causal masks top-left: ``q_offset=0``, or None with ``T == S``),
   ``kv_lengths`` as ``key_value_seq_lengths``. Its output for a row that attends nothing is
   cuDNN's, not the mean below.
+* ``"pallas"``: jaxeff's flash-attention kernels (`jaxeff.kernels.attention`): Mosaic on TPU,
+  Triton on GPU, chosen at lowering time; interpreted on a CPU backend (slow: for tests).
+  Takes every keyword but ``mask``; a row that attends nothing gets 0, not the mean. Inside
+  ``jax.set_mesh`` it runs per shard under ``jax.shard_map`` (rows over ``data``/``fsdp``,
+  heads over ``tensor``: `jaxeff.kernels.attention.api.sharded_attention`).
 
 ``implementation=None`` picks ``"xla"`` on every backend (CPU, GPU, TPU) for now: it takes
 every argument, and on XLA:CPU it is faster than ``"xla_chunked"`` at the lengths the models
@@ -383,10 +388,31 @@ def _chunked_impl(q, k, v, m: _Masking, *, block_q: int, block_k: int, **_):
     )
 
 
+def _pallas_impl(q, k, v, m: _Masking, **_):
+    from jaxeff.kernels.attention import api
+
+    # inside jax.set_mesh the kernel runs per shard (rows over data/fsdp, heads over tensor)
+    return api.sharded_attention(
+        q,
+        k,
+        v,
+        causal=m.causal,
+        q_segment_ids=m.q_segment_ids,
+        kv_segment_ids=m.kv_segment_ids,
+        q_offset=m.q_offset,
+        kv_lengths=m.kv_lengths,
+    )
+
+
 # The switch: name -> fn(q, k, v, masking, **options). Each function refuses (ValueError) what it
-# cannot honour; a new implementation (e.g. "pallas") is one more entry here and in
+# cannot honour; a new implementation is one more entry here and in
 # jaxeff.nn.config.ATTENTION_IMPLEMENTATIONS.
-_DISPATCH = {"xla": _xla_impl, "xla_chunked": _chunked_impl, "cudnn": _cudnn_attention}
+_DISPATCH = {
+    "xla": _xla_impl,
+    "xla_chunked": _chunked_impl,
+    "cudnn": _cudnn_attention,
+    "pallas": _pallas_impl,
+}
 assert tuple(_DISPATCH) == tuple(IMPLEMENTATIONS), (tuple(_DISPATCH), IMPLEMENTATIONS)
 
 

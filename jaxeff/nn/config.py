@@ -175,6 +175,7 @@ def expert_capacity(
 
 
 ROUTERS = ("topk", "threshold", "frame_topr")
+MOD_IMPLEMENTATIONS = (None, "xla", "pallas")  # jaxeff.kernels.mod_routing.api
 WEIGHTINGS = ("raw", "sigmoid", "none", "straight_through")
 
 
@@ -206,6 +207,10 @@ class ModConfig:
         slots, so a full forward of ``S`` tokens and decoding into a cache of ``S`` slots agree.
       keep_first: the first ``keep_first`` positions are always computed under causal routing
         (attention sinks; a decision by position, still causal).
+      implementation: how routed tokens are gathered and scattered back
+        (`jaxeff.kernels.mod_routing`): None or ``"xla"`` (XLA gather / scatter-add, the
+        default on every backend until a device measures the kernels faster) or ``"pallas"``
+        (the indexed-copy kernels: Mosaic on TPU, Triton on GPU, interpreted on CPU).
     """
 
     router: str = "topk"
@@ -219,9 +224,14 @@ class ModConfig:
     predictor_hidden: int = 0
     cache_fraction: float = 1.0
     keep_first: int = 0
+    implementation: str | None = None
 
     def __post_init__(self):
         checks = {
+            "implementation": (
+                self.implementation in MOD_IMPLEMENTATIONS,
+                f"one of {MOD_IMPLEMENTATIONS}",
+            ),
             "router": (self.router in ROUTERS, ", ".join(repr(r) for r in ROUTERS)),
             "capacity": (0.0 < self.capacity <= 1.0, "in (0, 1]"),
             "p": (0.0 <= self.p < 1.0, "in [0, 1)"),
@@ -249,7 +259,7 @@ class ModConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 # implementations of jaxeff.nn.attention.dot_product_attention
-ATTENTION_IMPLEMENTATIONS = ("xla", "xla_chunked", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "xla_chunked", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)

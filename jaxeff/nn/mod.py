@@ -231,12 +231,15 @@ def routed_block(
     positions: jax.Array,
     route: Route,
     weights: jax.Array | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Run ``block_fn`` on the routed tokens only and scatter the result back.
 
     ``x [B, L, D]``, ``positions [B, L]`` (original positions, passed to the block for RoPE),
     ``weights [B, L]`` or None (= 1). Routed token ``i``: ``x_i + w_i (y_i - x_i)`` with ``y``
     the block output on the gathered tokens; skipped tokens are returned bit-identical.
+    ``implementation`` (`ModConfig.implementation`): ``"pallas"`` gathers and scatters with
+    `jaxeff.kernels.mod_routing`'s kernels; None / ``"xla"`` with XLA's gather and scatter-add.
     """
     if x.ndim != 3:
         raise ValueError(f"x must have shape [batch, seq_len, dim], got shape {x.shape}")
@@ -251,6 +254,8 @@ def routed_block(
     if weights is not None and weights.shape != (b, length):
         raise ValueError(f"weights must have shape {(b, length)}, got {weights.shape}")
     idx = route.indices
+    if implementation == "pallas":
+        return _routed_block_kernels(block_fn, x, positions, route, weights)
     x_sub = jnp.take_along_axis(x, idx[..., None], axis=1)
     pos_sub = jnp.take_along_axis(positions, idx, axis=1)
     y_sub = block_fn(x_sub, pos_sub)
@@ -263,6 +268,34 @@ def routed_block(
     delta = jnp.where(route.valid[..., None], delta, jnp.zeros_like(delta))
     updated = x.at[jnp.arange(b)[:, None], idx].add(delta)
     return jnp.where(route.mask[..., None], updated, x)
+
+
+def _distinct_padding(route: Route) -> jax.Array:
+    """``route.indices`` with padding slot ``j`` (after the ``c`` valid ones) moved to the
+    ``(j - c)``-th unrouted position of its row, so that all indices of a row are distinct (the
+    kernels' gather gradient is a scatter that writes each row once; ``mask_to_route`` points
+    every padding slot at ``L - 1``). A row has ``L - c >= n - c`` unrouted positions."""
+    unrouted = jnp.argsort(route.mask, axis=1, stable=True)  # unrouted positions first
+    count = jnp.sum(route.valid, axis=1, keepdims=True)
+    rank = jnp.clip(jnp.arange(route.indices.shape[1])[None, :] - count, 0, None)
+    padding = jnp.take_along_axis(unrouted, rank, axis=1).astype(route.indices.dtype)
+    return jnp.where(route.valid, route.indices, padding)
+
+
+def _routed_block_kernels(block_fn, x, positions, route: Route, weights):
+    """`routed_block` with the gather and the weighted scatter-add as Pallas kernels."""
+    from jaxeff.kernels.mod_routing import api as routing
+
+    idx = _distinct_padding(route)
+    x_sub = routing.gather(x, idx, implementation="pallas")
+    y_sub = block_fn(x_sub, jnp.take_along_axis(positions, idx, axis=1))
+    if y_sub.shape != x_sub.shape:
+        raise ValueError(f"block_fn must return shape {x_sub.shape}, got {y_sub.shape}")
+    w_sub = jnp.ones(idx.shape, x.dtype)
+    if weights is not None:
+        w_sub = jnp.take_along_axis(weights, idx, axis=1).astype(x.dtype)
+    delta = (y_sub - x_sub).astype(x.dtype)
+    return routing.scatter_add(x, idx, w_sub, delta, valid=route.valid, implementation="pallas")
 
 
 class Router(nnx.Module):

@@ -397,7 +397,9 @@ class ModBlock(Block):
         def block_fn(x_sub, idx):
             return self.layer(x_sub, inputs.gathered(idx), dropout_key)
 
-        return mod_lib.routed_block(block_fn, x, slots, route, weights)
+        return mod_lib.routed_block(
+            block_fn, x, slots, route, weights, implementation=self.cfg.mod.implementation
+        )
 
     def cached(self, x, inputs: LayerInputs, cache: KVCache, layer):
         """Routed layer ``layer`` of KV-cache decoding over new tokens ``x [B, T, dim]`` at

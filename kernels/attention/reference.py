@@ -1,34 +1,63 @@
-"""Plain-jnp specification of masked softmax attention (what flash attention computes).
+"""Plain-jnp specification of what the flash-attention kernels compute (model layout).
 
-``q, k, v [B, H, L, d]``, optional ``segment_ids [B, L]`` (tokens attend only within their own
-segment, for packed sequences), optional causal mask:
+``q [B, T, N, d]``, ``k, v [B, S, K, d]``; query head ``n`` reads key/value head
+``n // (N / K)``. Query ``t`` sits at absolute position ``p_t = q_offset[b] + t``; key slot
+``s`` is visible iff ``s < kv_len[b]``, and ``s <= p_t`` if causal, and
+``q_seg[b, t] == kv_seg[b, s]`` with segments:
 
-    S = scale * Q K^T,   S_ij = -inf unless (not causal or j <= i) and seg_i == seg_j
-    O = softmax(S) V
+    O = softmax(Q K^T / sqrt(d) over the visible keys) V,   O_t = 0 if no key is visible
 
-Computed in f32 and cast back to ``q.dtype``. Reference: Dao et al., 2022, FlashAttention,
-arXiv:2205.14135 (the kernel's algorithm); this file is the unfused specification.
+in float32, cast back to ``q.dtype``. Reference: Dao et al., 2022, FlashAttention,
+arXiv:2205.14135 (the kernels' algorithm); this file is the unfused specification.
 """
 
-import jax
 import jax.numpy as jnp
 
 
-def mask(length, segment_ids=None, causal=False):
-    """Boolean ``[B or 1, 1, L, L]`` mask: True where query i may attend to key j."""
-    allowed = jnp.ones((1, 1, length, length), bool)
+def visible(b, t, s, *, causal, q_offset, kv_lengths, q_segment_ids=None, kv_segment_ids=None):
+    """Boolean ``[B, T, S]``: True where query ``t`` may attend key slot ``s``."""
+    q_offset = jnp.broadcast_to(jnp.asarray(s - t if q_offset is None else q_offset), (b,))
+    kv_len = jnp.broadcast_to(jnp.asarray(s if kv_lengths is None else kv_lengths), (b,))
+    qpos = q_offset[:, None, None] + jnp.arange(t)[None, :, None]
+    kpos = jnp.arange(s)[None, None, :]
+    ok = kpos < kv_len[:, None, None]
     if causal:
-        allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None, None]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return allowed
+        ok = ok & (kpos <= qpos)
+    if q_segment_ids is not None:
+        ok = ok & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    return ok
 
 
-def attention(q, k, v, segment_ids=None, *, causal=False, sm_scale=None):
-    """``softmax(scale * q k^T + mask) v`` for ``q, k, v [B, H, L, d]``; scale defaults to
-    ``1 / sqrt(d)``."""
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    s = jnp.where(mask(q.shape[2], segment_ids, causal), s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhqk,bhkd->bhqd", p, v.astype(jnp.float32)).astype(q.dtype)
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    q_offset=None,
+    kv_lengths=None,
+):
+    b, t, n, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    group = n // kv_heads
+    k32 = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+    v32 = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+    logits = jnp.einsum("btnd,bsnd->bnts", q.astype(jnp.float32), k32) / jnp.sqrt(d)
+    ok = visible(
+        b,
+        t,
+        s,
+        causal=causal,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+    )[:, None]
+    logits = jnp.where(ok, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(ok, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    return jnp.einsum("bnts,bsnd->btnd", p, v32).astype(q.dtype)

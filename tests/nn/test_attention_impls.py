@@ -160,7 +160,7 @@ def test_default_is_xla_on_this_backend():
     from jaxeff.nn.attention import IMPLEMENTATIONS, default_implementation
 
     q, k, _ = qkv()
-    assert IMPLEMENTATIONS == ("xla", "xla_chunked", "cudnn")
+    assert IMPLEMENTATIONS == ("xla", "xla_chunked", "cudnn", "pallas")
     assert default_implementation(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)) == "xla"
 
 
