@@ -104,9 +104,22 @@ CASES = {
         8,
         dict(causal=True, kv_lengths=np.array([70, 12]), q_offset=np.array([69, 11])),
     ),
-    "tpu-all-masks-gqa": ("tpu", jnp.float32, 2, 20, 150, 4, 2, 16,
-                          dict(causal=True, segments=True, q_offset=np.array([130, 100]),
-                               kv_lengths=np.array([148, 150]))),
+    "tpu-all-masks-gqa": (
+        "tpu",
+        jnp.float32,
+        2,
+        20,
+        150,
+        4,
+        2,
+        16,
+        dict(
+            causal=True,
+            segments=True,
+            q_offset=np.array([130, 100]),
+            kv_lengths=np.array([148, 150]),
+        ),
+    ),
 }
 
 
