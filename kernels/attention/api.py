@@ -41,36 +41,18 @@ class _Static(NamedTuple):
     interpret: object
 
 
+def _dispatch(name: str, st: _Static, *args):
+    """``gpu.<name>`` or ``tpu.<name>`` on ``args``, chosen when lowering (`_platform.dispatch`)."""
+
+    def kernel(module):
+        fn = getattr(module, name)
+        return lambda *a, interpret: fn(*a, causal=st.causal, scale=st.scale, interpret=interpret)
+
+    return _platform.dispatch(kernel(_gpu), kernel(_tpu), *args, interpret=st.interpret)
+
+
 def _run_fwd(q, k, v, qoff, kvlen, q_seg, kv_seg, st: _Static):
-    def gpu(q, k, v, qoff, kvlen, q_seg, kv_seg, *, interpret):
-        return _gpu.forward(
-            q,
-            k,
-            v,
-            qoff,
-            kvlen,
-            q_seg,
-            kv_seg,
-            causal=st.causal,
-            scale=st.scale,
-            interpret=interpret,
-        )
-
-    def tpu(q, k, v, qoff, kvlen, q_seg, kv_seg, *, interpret):
-        return _tpu.forward(
-            q,
-            k,
-            v,
-            qoff,
-            kvlen,
-            q_seg,
-            kv_seg,
-            causal=st.causal,
-            scale=st.scale,
-            interpret=interpret,
-        )
-
-    return _platform.dispatch(gpu, tpu, q, k, v, qoff, kvlen, q_seg, kv_seg, interpret=st.interpret)
+    return _dispatch("forward", st, q, k, v, qoff, kvlen, q_seg, kv_seg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -86,28 +68,8 @@ def _flash_fwd(q, k, v, qoff, kvlen, q_seg, kv_seg, st):
 def _flash_bwd(st, res, do):
     q, k, v, qoff, kvlen, q_seg, kv_seg, o, lse = res
     delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
-
-    def gpu(*args, interpret):
-        return _gpu.backward(*args, causal=st.causal, scale=st.scale, interpret=interpret)
-
-    def tpu(*args, interpret):
-        return _tpu.backward(*args, causal=st.causal, scale=st.scale, interpret=interpret)
-
-    dq, dk, dv = _platform.dispatch(
-        gpu,
-        tpu,
-        q,
-        k,
-        v,
-        qoff,
-        kvlen,
-        q_seg,
-        kv_seg,
-        do.astype(q.dtype),
-        lse,
-        delta,
-        interpret=st.interpret,
-    )
+    args = (q, k, v, qoff, kvlen, q_seg, kv_seg, do.astype(q.dtype), lse, delta)
+    dq, dk, dv = _dispatch("backward", st, *args)
     return dq, dk, dv, None, None, None, None
 
 

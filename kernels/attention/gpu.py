@@ -36,8 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-NEG = -1e30
-Q_PAD, KV_PAD = -(2**31), -(2**31) + 1  # segment ids of padding: never equal
+from jaxeff.kernels.attention.common import KV_PAD, NEG, Q_PAD, dot, dot_t, probs_and_dscores, tdot
 
 
 def next_pow2(n: int) -> int:
@@ -69,20 +68,6 @@ def _params(cfg):
 
 def _any():
     return pl.BlockSpec(memory_space=pl.ANY)
-
-
-def _dot_t(a, b):
-    """``a @ b.T`` accumulated in f32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _tdot(a, b):
-    """``a.T @ b`` accumulated in f32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _scalar(ref, b):
@@ -142,11 +127,11 @@ def _fwd_kernel(
         vb = _tile(v_ref, b, kcols, kh, cols, kmask, cmask)
         ks = pltriton.load(ks_ref.at[b, kcols], mask=kmask, other=KV_PAD) if has_seg else None
         allowed = _allowed(qpos, kcols, kmask, causal, qs, ks)
-        s = jnp.where(allowed, _dot_t(q, kb) * scale, NEG)
+        s = jnp.where(allowed, dot_t(q, kb) * scale, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        acc = alpha[:, None] * acc + _dot(p.astype(vb.dtype), vb)
+        acc = alpha[:, None] * acc + dot(p.astype(vb.dtype), vb)
         return m_new, alpha * denom + jnp.sum(p, axis=1), acc
 
     init = (
@@ -250,9 +235,8 @@ def _dkdv_kernel(
         delta = pltriton.load(delta_ref.at[b, h, rows], mask=rmask, other=0.0)
         qs = pltriton.load(qs_ref.at[b, rows], mask=rmask, other=Q_PAD) if has_seg else None
         allowed = _allowed(qoff + rows, kcols, kmask, causal, qs, ks) & rmask[:, None]
-        p = jnp.where(allowed, jnp.exp(_dot_t(q, kb) * scale - lse[:, None]), 0.0)
-        ds = p * (_dot_t(do, vb) - delta[:, None])
-        return dk + _tdot(ds.astype(q.dtype), q), dv + _tdot(p.astype(do.dtype), do)
+        p, ds = probs_and_dscores(q, kb, vb, do, lse[:, None], delta[:, None], allowed, scale)
+        return dk + tdot(ds.astype(q.dtype), q), dv + tdot(p.astype(do.dtype), do)
 
     carry = (jnp.zeros((bk, dp), jnp.float32), jnp.zeros((bk, dp), jnp.float32))
     for g in range(group):  # the G query heads that read this KV head
@@ -308,9 +292,8 @@ def _dq_kernel(
         vb = _tile(v_ref, b, kcols, kh, cols, kmask, cmask)
         ks = pltriton.load(ks_ref.at[b, kcols], mask=kmask, other=KV_PAD) if has_seg else None
         allowed = _allowed(qpos, kcols, kmask, causal, qs, ks) & rmask[:, None]
-        p = jnp.where(allowed, jnp.exp(_dot_t(q, kb) * scale - lse[:, None]), 0.0)
-        ds = p * (_dot_t(do, vb) - delta[:, None])
-        return dq + _dot(ds.astype(kb.dtype), kb)
+        _, ds = probs_and_dscores(q, kb, vb, do, lse[:, None], delta[:, None], allowed, scale)
+        return dq + dot(ds.astype(kb.dtype), kb)
 
     dq = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bq, dp), jnp.float32))
     _store_tile(dq_ref, b, rows, h, cols, rmask, cmask, (dq * scale).astype(dq_ref.dtype))

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-NEG = -1e30
-Q_PAD, KV_PAD = -(2**31), -(2**31) + 1  # segment ids of padding: never equal
+from jaxeff.kernels.attention.common import KV_PAD, NEG, Q_PAD, dot, dot_t, probs_and_dscores, tdot
+
 LANES = 128
 SUBLANES = 8
 
@@ -59,18 +59,6 @@ def _div(a, b: int):
 
 def _rem(a, b: int):
     return jax.lax.rem(a, jnp.int32(b))
-
-
-def _dot_t(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _tdot(a, b):
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _lanes(x, n):
@@ -126,7 +114,7 @@ def _fwd_kernel(qoff_ref, kvlen_ref, *refs, scale, causal, has_seg, bq, bk, nk):
     def _step():
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         allowed = _mask(qoff, kvlen, i * bq, j * bk, bq, bk, causal, qs_ref, ks_ref)
-        s = jnp.where(allowed, _dot_t(q, k) * scale, NEG)
+        s = jnp.where(allowed, dot_t(q, k) * scale, NEG)
         m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         p = jnp.where(allowed, jnp.exp(s - _lanes(m_new, bk)), 0.0)
@@ -134,7 +122,7 @@ def _fwd_kernel(qoff_ref, kvlen_ref, *refs, scale, causal, has_seg, bq, bk, nk):
         l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_new
         d = acc_ref.shape[1]
-        acc_ref[...] = _lanes(alpha, d) * acc_ref[...] + _dot(p.astype(v.dtype), v)
+        acc_ref[...] = _lanes(alpha, d) * acc_ref[...] + dot(p.astype(v.dtype), v)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -249,11 +237,10 @@ def _dkdv_kernel(qoff_ref, kvlen_ref, *refs, scale, causal, has_seg, bq, bk, nq,
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         allowed = _mask(qoff, kvlen, i * bq, j * bk, bq, bk, causal, qs_ref, ks_ref)
-        lse = _lanes(lse_ref[...], bk)
-        p = jnp.where(allowed, jnp.exp(_dot_t(q, k) * scale - lse), 0.0)
-        ds = p * (_dot_t(do, v) - _lanes(delta_ref[...], bk))
-        dv_acc[...] += _tdot(p.astype(do.dtype), do)
-        dk_acc[...] += _tdot(ds.astype(q.dtype), q)
+        lse, delta = _lanes(lse_ref[...], bk), _lanes(delta_ref[...], bk)
+        p, ds = probs_and_dscores(q, k, v, do, lse, delta, allowed, scale)
+        dv_acc[...] += tdot(p.astype(do.dtype), do)
+        dk_acc[...] += tdot(ds.astype(q.dtype), q)
 
     @pl.when(step == steps - 1)
     def _finish():
@@ -277,9 +264,9 @@ def _dq_kernel(qoff_ref, kvlen_ref, *refs, scale, causal, has_seg, bq, bk, nk):
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         allowed = _mask(qoff, kvlen, i * bq, j * bk, bq, bk, causal, qs_ref, ks_ref)
-        p = jnp.where(allowed, jnp.exp(_dot_t(q, k) * scale - _lanes(lse_ref[...], bk)), 0.0)
-        ds = p * (_dot_t(do, v) - _lanes(delta_ref[...], bk))
-        dq_acc[...] += _dot(ds.astype(k.dtype), k)
+        lse, delta = _lanes(lse_ref[...], bk), _lanes(delta_ref[...], bk)
+        _, ds = probs_and_dscores(q, k, v, do, lse, delta, allowed, scale)
+        dq_acc[...] += dot(ds.astype(k.dtype), k)
 
     @pl.when(j == nk - 1)
     def _finish():
