@@ -414,6 +414,9 @@ class VideoLLMConfig:
         ``<frame>`` (``text_vocab``) and ``<caption>`` (``text_vocab + 1``).
       dim, n_layers, n_heads, n_kv_heads, ffn_dim: the decoder.
       route_every: layer ``i`` is routed when ``i % route_every == route_every - 1``.
+      attention: `TransformerConfig.attention` of the decoder (None: per backend; ``"pallas"``:
+        jaxeff's flash-attention kernels).
+      routing: `ModConfig.implementation` of the routed layers (None / ``"xla"``, ``"pallas"``).
     """
 
     frames: int = 16
@@ -429,12 +432,23 @@ class VideoLLMConfig:
     n_kv_heads: int = 4
     ffn_dim: int = 384
     route_every: int = 2
+    attention: str | None = None
+    routing: str | None = None
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "patch", "max_scenes", "dim", "n_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"VideoLLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.routing not in MOD_IMPLEMENTATIONS:
+            raise ValueError(
+                f"VideoLLMConfig.routing={self.routing!r}; allowed: {MOD_IMPLEMENTATIONS}"
+            )
+        if self.attention not in (None, *ATTENTION_IMPLEMENTATIONS):
+            raise ValueError(
+                f"VideoLLMConfig.attention={self.attention!r}; allowed: None, "
+                + ", ".join(ATTENTION_IMPLEMENTATIONS)
+            )
         if self.height % self.patch or self.width % self.patch:
             raise ValueError(
                 f"VideoLLMConfig.patch={self.patch} must divide height={self.height} and "
@@ -511,6 +525,7 @@ class VideoLLMConfig:
             n_kv_heads=self.n_kv_heads,
             ffn_dim=self.ffn_dim,
             max_seq_len=self.seq_len,
+            attention=self.attention,
         )
 
 

@@ -180,7 +180,11 @@ def routing_config(r: float, cfg: VideoLLMConfig) -> mod.ModConfig:
     """The `jaxeff.nn.mod.Router` rule of a routed layer: per-frame top-``r`` of the vision
     tokens, text always, outputs unscaled (straight-through weights)."""
     return mod.ModConfig(
-        router="frame_topr", r=r, num_frames=cfg.frames, weighting="straight_through"
+        router="frame_topr",
+        r=r,
+        num_frames=cfg.frames,
+        weighting="straight_through",
+        implementation=cfg.routing,
     )
 
 
@@ -199,7 +203,8 @@ def routed_layer(
     """One VideoLLM-MoD layer from router ``scores [B, L]``: ``block_fn(x_sub, positions_sub)``
     on the routed tokens only. Returns the new ``x`` and the routed mask ``[B, L]``."""
     route = vision_route(scores, frame_ids, r, cfg)
-    out = mod.routed_block(block_fn, x, positions, route, straight_through_weights(scores))
+    weights = straight_through_weights(scores)
+    out = mod.routed_block(block_fn, x, positions, route, weights, implementation=cfg.routing)
     return out, route.mask
 
 
@@ -296,7 +301,8 @@ class VideoLLM(nnx.Module):
                 frame_ids=frame_ids,
                 max_tokens=cfg.routed_tokens(r),
             )
-            return mod.routed_block(last, h, positions, route, weights), info["mask"]
+            out = mod.routed_block(last, h, positions, route, weights, implementation=cfg.routing)
+            return out, info["mask"]
 
         x, masks = jax.lax.scan(body, x, (stacked, routers))
         return self.final_norm(x), masks

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxeff.nn import mod as mod_lib
@@ -49,3 +50,24 @@ def test_padding_slots_get_distinct_unrouted_positions():
     assert route.indices.tolist() == [[0, 2, 5, 5], [5, 5, 5, 5]]  # XLA's form: repeats L - 1
     got = mod_lib._distinct_padding(route).tolist()
     assert got == [[0, 2, 5, 1], [5, 0, 1, 2]]
+
+
+def test_videollm_routes_through_the_kernels():
+    """VideoLLM-MoD's per-frame top-r layers on the kernels: the same logits as on XLA."""
+    from jaxeff.nn.videollm import VideoLLM, VideoLLMConfig, make_batch
+
+    base = dict(frames=2, height=8, width=8, patch=4, max_scenes=1, caption_len=4,
+                text_vocab=8, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=32)  # fmt: skip
+    batch = make_batch(
+        np.random.default_rng(0).normal(size=(1, 2, 8, 8, 3)).astype(np.float32),
+        [[(0, 2)]],
+        [[[3, 4]]],
+        VideoLLMConfig(**base),
+    )
+    logits = nnx.jit(lambda model, batch: model(batch, r=0.5)[0])
+    want = logits(VideoLLM(VideoLLMConfig(**base), rngs=nnx.Rngs(0)), batch)
+    kernels = VideoLLMConfig(**base, attention="pallas", routing="pallas")
+    got = logits(VideoLLM(kernels, rngs=nnx.Rngs(0)), batch)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match="VideoLLMConfig.routing='triton'"):
+        VideoLLMConfig(**base, routing="triton")
