@@ -19,7 +19,7 @@ and TFLOP/s (causal fwd+bwd = 3.5 x the forward's ``2 B N L^2 d`` multiply-adds,
 FlashAttention-2 counts); MoD gather / scatter-add at ``[B, L, D]`` with ``k`` routed rows:
 kernel vs XLA, GB/s of the rows moved. JSON ``timings`` (``null`` without an accelerator),
 ratios ``attention_vs_jax_pallas``, ``attention_vs_cudnn``, ``mod_gather_vs_xla``,
-``mod_scatter_vs_xla`` at the longest length.
+``mod_scatter_vs_xla`` at the longest length; ``kernel_bench.png`` (TFLOP/s against length).
 """
 
 from __future__ import annotations
@@ -283,10 +283,36 @@ def _mod_timings(cfg, length, backend, repeats):
     return out
 
 
+def plot_timings(timings: dict, lengths, path: str, meaningful: bool) -> None:
+    """Attention fwd+bwd TFLOP/s against length, one line per implementation."""
+    from jaxeff.plots import subplots
+
+    fig, ax = subplots(figsize=(6, 4))
+    names = sorted({n for length in lengths for n in timings[f"attention_L{length}"]})
+    for name in names:
+        pts = [
+            (L, timings[f"attention_L{L}"][name]["tflops"])
+            for L in lengths
+            if name in timings[f"attention_L{L}"]
+        ]
+        ax.plot(*zip(*pts, strict=True), "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("TFLOP/s (causal fwd + bwd, bf16)")
+    note = "" if meaningful else " (CPU, interpreted: meaningless)"
+    ax.set_title("attention" + note)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def run(cfg: KernelBenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
+    import os
+
     import jax
 
-    del workdir, resume
+    del resume
     rows = lowering_report(cfg)
     out = {
         "lowering": rows,
@@ -325,6 +351,11 @@ def run(cfg: KernelBenchConfig, workdir: str | None = None, resume: bool = False
     mod = timings[f"mod_L{max(cfg.lengths)}"]
     out["mod_gather_vs_xla"] = mod["gather_xla"]["ms"] / mod["gather_pallas"]["ms"]
     out["mod_scatter_vs_xla"] = mod["scatter_xla"]["ms"] / mod["scatter_pallas"]["ms"]
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "kernel_bench.png")
+        plot_timings(timings, cfg.lengths, path, out["timings_meaningful"])
+        out["plot"] = path
     return out
 
 

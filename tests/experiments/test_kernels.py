@@ -8,8 +8,9 @@ import pytest
 from jaxeff.experiments import kernels
 
 
-def test_kernel_bench_smoke_lowers_every_case_and_runs_the_timing_code():
-    out = kernels.run(kernels.get_config("smoke"))
+def test_kernel_bench_smoke_lowers_every_case_and_runs_the_timing_code(tmp_path):
+    out = kernels.run(kernels.get_config("smoke"), workdir=str(tmp_path))
+    assert (tmp_path / "kernel_bench.png").stat().st_size > 1000
     assert out["lowered_all"] is True
     assert {(r["case"], r["platform"]) for r in out["lowering"]} == {
         (c, p) for c in ("attn-2x24-4q2kv-d80", "mod-2x600x576-k75") for p in ("cuda", "tpu")
