@@ -76,3 +76,29 @@ def dispatch(gpu_fn, tpu_fn, *args, interpret=None):
     if mode is None:
         branches["cpu"] = lambda *a: gpu_fn(*a, interpret=True)
     return jax.lax.platform_dependent(*args, default=tpu, **branches)
+
+
+def per_row_shard(fn, *args, batch_axes=("data", "fsdp")):
+    """``fn(*args)`` run per shard of the rows (axis 0 of every argument and of the result)
+    under ``jax.shard_map`` over the ``batch_axes`` of the ``jax.set_mesh`` mesh, since GSPMD
+    cannot partition a ``pallas_call``; a plain call outside a mesh or when those axes are 1."""
+    from jax.sharding import PartitionSpec as P
+
+    ctx = jax.sharding.get_abstract_mesh()
+    if ctx.empty:
+        return fn(*args)
+    sizes = dict(zip(ctx.axis_names, ctx.axis_sizes, strict=True))
+    axes = tuple(a for a in batch_axes if sizes.get(a, 1) > 1)
+    if not axes:
+        return fn(*args)
+    shards = 1
+    for a in axes:
+        shards *= sizes[a]
+    if args[0].shape[0] % shards:
+        raise ValueError(
+            f"{args[0].shape[0]} rows do not split over the mesh axes {axes} ({shards} shards)"
+        )
+    specs = tuple(P(axes) for _ in args)
+    if jax.sharding.AxisType.Explicit in tuple(ctx.axis_types):
+        args = tuple(jax.reshard(a, s) for a, s in zip(args, specs, strict=True))
+    return jax.shard_map(fn, in_specs=specs, out_specs=P(axes), check_vma=False)(*args)

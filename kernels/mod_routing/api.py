@@ -114,14 +114,23 @@ def scatter_add(x, idx, weights, y, *, valid=None, implementation=None, interpre
 # Pallas paths: int32 ``idx`` and ``valid`` (non-zero = valid); ``interpret`` is static.
 
 
+# Inside jax.set_mesh the kernels run per shard of the rows (`_platform.per_row_shard`).
+
+
 def _gather_call(x, idx, interpret):
-    return _platform.dispatch(_gpu.gather, _tpu.gather, x, idx, interpret=interpret)
+    def call(x, idx):
+        return _platform.dispatch(_gpu.gather, _tpu.gather, x, idx, interpret=interpret)
+
+    return _platform.per_row_shard(call, x, idx)
 
 
 def _scatter_call(x, idx, valid, upd, interpret):
-    return _platform.dispatch(
-        _gpu.scatter_add, _tpu.scatter_add, x, idx, valid, upd, interpret=interpret
-    )
+    def call(x, idx, valid, upd):
+        return _platform.dispatch(
+            _gpu.scatter_add, _tpu.scatter_add, x, idx, valid, upd, interpret=interpret
+        )
+
+    return _platform.per_row_shard(call, x, idx, valid, upd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
