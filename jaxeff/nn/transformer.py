@@ -430,9 +430,16 @@ class ModBlock(Block):
         pos_sub = jnp.where(valid, _gather_rows(positions, idx), -1)
         w_sub = _gather_rows(mod_lib.router_weights(logits, m.output_weighting), idx)
 
+        kernels = m.implementation == "pallas"
+        if kernels:
+            from jaxeff.kernels.mod_routing import api as routing
+
         def compute(operand):
             rk, rv, rpos = operand
-            x_sub = _gather_rows(x, idx)
+            if kernels:
+                x_sub = routing.gather(x, idx, implementation="pallas")
+            else:
+                x_sub = _gather_rows(x, idx)
             cos_sub, sin_sub = _gather_rows(inputs.cos, idx), _gather_rows(inputs.sin, idx)
             q, k, v = self.attn.project(self.attn_norm(x_sub), cos_sub, sin_sub)
             rk = rk.at[layer, rows, slots].set(k.astype(rk.dtype), mode="drop")
@@ -446,7 +453,13 @@ class ModBlock(Block):
             y = y + self.mlp(self.mlp_norm(y))
             delta = ((y - x_sub) * w_sub[..., None].astype(x.dtype)).astype(x.dtype)
             delta = jnp.where(valid[..., None], delta, jnp.zeros_like(delta))
-            out_x = jnp.where(route.mask[..., None], x.at[rows, idx].add(delta), x)
+            if kernels:  # forward only (decoding): padding slots are dropped by ``valid``
+                ones = jnp.ones(idx.shape, x.dtype)
+                out_x = routing.scatter_add(
+                    x, idx, ones, delta, valid=valid, implementation="pallas"
+                )
+            else:
+                out_x = jnp.where(route.mask[..., None], x.at[rows, idx].add(delta), x)
             return out_x, rk, rv, rpos
 
         def skip(operand):

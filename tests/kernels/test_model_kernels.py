@@ -71,3 +71,21 @@ def test_videollm_routes_through_the_kernels():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="VideoLLMConfig.routing='triton'"):
         VideoLLMConfig(**base, routing="triton")
+
+
+def test_routed_decode_on_the_kernels_gives_the_same_greedy_tokens():
+    """KV-cache decoding of a threshold-routed decoder (routed layers gather and scatter their
+    new tokens, attention over the caches) on the kernels: the XLA decoder's greedy tokens."""
+    from jaxeff.infer.generate import Generator
+
+    mod = ModConfig(router="threshold", p=0.5, every=2)
+    xla_cfg = TransformerConfig.tiny(n_layers=2, mod=mod, max_seq_len=32)
+    kernel_cfg = dataclasses.replace(
+        xla_cfg, attention="pallas", mod=dataclasses.replace(mod, implementation="pallas")
+    )
+    xla_model = Transformer(xla_cfg, rngs=nnx.Rngs(0))
+    kernel_model = Transformer(kernel_cfg, rngs=nnx.Rngs(0))
+    prompts = [[5, 17, 3, 99], [42]]
+    want = Generator(xla_model, bucket=8).generate(prompts, max_new_tokens=4)
+    got = Generator(kernel_model, bucket=8).generate(prompts, max_new_tokens=4)
+    assert got == want
