@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # cores of the CI machine; more needs ~3 GB of memory each (8-device subprocesses, SmolLM2)
 TEST_WORKERS ?= 2
 
-.PHONY: demo test notebooks install-demo install-test lint freeze
+.PHONY: demo test notebooks install-demo install-test lint freeze device-wheels device-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,33 @@ notebooks: install-test
 	$(BIN)/python tools/run_notebooks.py $(NOTEBOOKS)
 
 lint: $(BIN)/python
-	$(BIN)/ruff check jaxeff kernels experiments tests
-	$(BIN)/ruff format --check jaxeff kernels experiments tests
+	$(BIN)/ruff check jaxeff kernels experiments tests scripts
+	$(BIN)/ruff format --check jaxeff kernels experiments tests scripts
 
 # Record the versions of a passing environment (run after `make test` succeeds).
 freeze:
 	$(PIP) freeze --exclude-editable | grep -v '^jaxeff' > $(CONSTRAINTS)
+
+# The GPU check (scripts/device_check.sh) on a lent GPU machine, whose image has jax with CUDA,
+# flax, optax, orbax, transformers, pytest... but not the packages below. device-wheels
+# downloads them (the versions of constraints.txt, no dependencies: the image has the rest)
+# as Python 3.12 manylinux wheels into .whl/ (git-ignored through .git/info/exclude; a few MB of
+# the 64 MiB that travel with a call); device-check installs them and runs the check:
+#   bash scripts/device_check.sh .whl OUT_DIR   (OUT_DIR/device_check.json: the report)
+WHEELS := .whl
+DEVICE_OUT ?= runs/device_check
+DEVICE_PACKAGES := grain array_record portpicker tensorboardX num2words gguf mnist1d
+DEVICE_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+
+device-wheels:
+	mkdir -p $(WHEELS)
+	exclude=$$(git rev-parse --git-path info/exclude) && mkdir -p $$(dirname $$exclude) && \
+		(grep -qxF '/$(WHEELS)/' $$exclude 2>/dev/null || echo '/$(WHEELS)/' >> $$exclude)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(DEVICE_PLATFORMS)) -d $(WHEELS) \
+		$(foreach p,$(DEVICE_PACKAGES),$(shell grep -i '^$(p)==' $(CONSTRAINTS) || echo $(p)))
+	@du -sh $(WHEELS)
+
+device-check:
+	bash scripts/device_check.sh $(WHEELS) $(DEVICE_OUT)

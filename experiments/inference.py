@@ -93,7 +93,12 @@ def get_knn_config(preset: str) -> KnnMTConfig:
 
 
 def _corpus_scores(hyps, refs) -> tuple[float, float]:
-    import sacrebleu
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ValueError(
+            "knn-mt's BLEU needs sacrebleu: pip install 'jaxeff[translation]'"
+        ) from None
 
     return (
         float(sacrebleu.corpus_bleu(hyps, [refs]).score),

@@ -7,6 +7,14 @@ smoothed unigram model fitted on the same training tokens (the floor any LM must
     jaxeff run lm --preset cpu     # ~5 min on 2 cores; expect val_ppl < 0.5 * unigram_ppl
     jaxeff run lm --preset demo    # what `make demo` runs: progress bar, loss PNG, checkpoint
     jaxeff run lm --preset smoke   # seconds; what the tests run
+    jaxeff run lm --preset gpu     # one GPU, ~1 min: ~1B decoder, bf16, seq 4096, Pallas attention
+    jaxeff run lm --preset tpu     # a v5p-8 slice (fsdp=8): the same decoder, batch 16
+
+The accelerator presets lower from this host without the hardware (abstract state, nothing
+materialized)::
+
+    jaxeff lower lm --preset gpu --platform cuda   # JSON: hlo_bytes, custom_calls,
+    jaxeff lower lm --preset tpu --platform tpu    #   param/opt_bytes_per_device, collectives
 
 JSON: ``val_ppl``, ``unigram_ppl``, ``train_tokens`` (target tokens in the training split),
 ``steps``, plus ``tokens_seen`` and ``final_train_loss``.
@@ -29,6 +37,11 @@ f32 matmul peak measured in the same process (`jaxeff.bench.model_flops_per_toke
 
     jaxeff run lm-bench            # JSON: tokens_per_s, model_flops_per_s,
                                    #       matmul_peak_flops_per_s, mfu_vs_matmul_peak
+    jaxeff run lm-bench --preset gpu   # the gpu model; adds mfu_vs_device_peak (bf16 peak table)
+
+On an accelerator the model FLOP/s are also divided by the device's datasheet peak for the
+compute dtype (`jaxeff.bench.device_peak_flops`): ``mfu_vs_device_peak``, the number MaxText's
+MFU tables report; ``mfu_vs_matmul_peak`` stays (against the f32 matmul measured here).
 
 References: Touvron et al., LLaMA, 2023 (https://arxiv.org/abs/2302.13971); Chowdhery et al.,
 PaLM, 2022, appendix B for the FLOP count (https://arxiv.org/abs/2204.02311).
@@ -37,11 +50,11 @@ PaLM, 2022, appendix B for the FLOP count (https://arxiv.org/abs/2204.02311).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import TransformerConfig
-from jaxeff.train.recipe import DataConfig, LMConfig, TrainConfig
+from jaxeff.parallel.mesh_config import MeshConfig
+from jaxeff.train.recipe import DataConfig, LMConfig, OptimConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +66,49 @@ class BenchConfig:
     matmul_repeats: int = 5
 
 
+def accelerator_model() -> TransformerConfig:
+    """The ~1B decoder of the gpu / tpu presets (Llama-3.2-1B's width, depth and MLP, head
+    dimension 128 for the kernels' tiles): bf16 compute, f32 master weights, Pallas flash
+    attention."""
+    return TransformerConfig(
+        dim=2048,
+        n_layers=16,
+        n_heads=16,
+        n_kv_heads=8,
+        ffn_dim=8192,
+        rope_base=500000.0,
+        dtype="bfloat16",
+        param_dtype="float32",
+        attention="pallas",
+    )
+
+
+def accelerator_config(batch_size: int, mesh: MeshConfig) -> LMConfig:
+    """The gpu / tpu presets: ~1B parameters (vocabulary 32000 requested), seq 4096, AdamW at
+    3e-4, 100 steps, the loss's vocabulary projection 1024 positions at a time."""
+    return LMConfig(
+        data=DataConfig(vocab_size=32000, seq_len=4096, max_bytes=None),
+        model=accelerator_model(),
+        optim=OptimConfig(learning_rate=3e-4, warmup_steps=20),
+        train=TrainConfig(
+            batch_size=batch_size,
+            steps=100,
+            log_every=10,
+            eval_every=50,
+            eval_batches=4,
+            checkpoint_every=1000,
+            keep_checkpoints=1,
+            loss_chunk=1024,
+        ),
+        mesh=mesh,
+    )
+
+
 def get_config(preset: str) -> LMConfig:
+    if preset == "gpu":
+        return accelerator_config(4, MeshConfig())
+    if preset == "tpu":
+        return accelerator_config(16, MeshConfig(fsdp=8))
     if preset == "smoke":
         return LMConfig.smoke()
     if preset == "cpu":
@@ -64,7 +119,7 @@ def get_config(preset: str) -> LMConfig:
             model=TransformerConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704),
             train=TrainConfig(steps=200, eval_every=100, checkpoint_every=100),
         )
-    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu, demo")
+    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu, demo, gpu, tpu")
 
 
 def get_bench_config(preset: str) -> BenchConfig:
@@ -78,7 +133,9 @@ def get_bench_config(preset: str) -> BenchConfig:
         )
     if preset == "cpu":
         return BenchConfig()
-    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
+    if preset == "gpu":
+        return BenchConfig(lm=get_config("gpu"), warmup_steps=3, timed_steps=10)
+    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu, gpu")
 
 
 def plot_losses(records: list[dict], path: str, unigram_ppl: float | None = None) -> None:
@@ -107,13 +164,13 @@ def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict
 
     import jax
 
-    from jaxeff.train.recipe import fit_lm
+    from jaxeff.train.recipe import fit_lm, join
 
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-lm-")
     trained = fit_lm(cfg, workdir, resume)
     data, records, t = trained.run.data, trained.records, cfg.train
     if jax.process_index() == 0:
-        plot_losses(records, os.path.join(workdir, "loss.png"), data.unigram_ppl)
+        plot_losses(records, join(workdir, "loss.png"), data.unigram_ppl)
     val = [r for r in records if r["split"] == "val"][-1]
     train = [r for r in records if r["split"] == "train"][-1]
     return {
@@ -139,17 +196,18 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
     import jax
     import numpy as np
 
-    from jaxeff.bench import matmul_peak_flops, model_flops_per_token
+    from jaxeff.bench import device_peak_flops, matmul_peak_flops, model_flops_per_token
     from jaxeff.data.packing import make_loader
     from jaxeff.train.recipe import build
 
     del workdir, resume
-    lm_run = build(cfg.lm)
+    lm_run = build(cfg.lm, on_mesh=True)
     state, train_step, mcfg = lm_run.state, lm_run.train_step, lm_run.model_cfg
+    to_device = lm_run.placement.train_batch
     t = cfg.lm.train
     it = iter(make_loader(lm_run.data.train, t.batch_size, seed=cfg.lm.seed))
     tokens_per_step = t.batch_size * cfg.lm.data.seq_len
-    batches = [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(4)]
+    batches = [to_device({k: np.asarray(v) for k, v in next(it).items()}) for _ in range(4)]
     for i in range(cfg.warmup_steps):
         state, m = train_step(state, batches[i % len(batches)])
     jax.block_until_ready(state)
@@ -165,11 +223,19 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
     peak = max(peak_before, peak_after)
     tokens_per_s = tokens_per_step / step_s
     flops = model_flops_per_token(mcfg, cfg.lm.data.seq_len) * tokens_per_s
+    device = jax.devices()[0]
+    device_peak = device_peak_flops(mcfg.dtype, device)
+    if device_peak is not None:
+        device_peak *= jax.device_count()
     return {
         "tokens_per_s": tokens_per_s,
         "model_flops_per_s": flops,
         "matmul_peak_flops_per_s": peak,
         "mfu_vs_matmul_peak": flops / peak,
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "device_peak_flops_per_s": device_peak,
+        "mfu_vs_device_peak": None if device_peak is None else flops / device_peak,
         "matmul_peak_before_after": [peak_before, peak_after],
         "step_s_median": step_s,
         "params": mcfg.num_params(),
@@ -177,19 +243,28 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
     }
 
 
+def lowerable_step(cfg: LMConfig):
+    """The train step and its abstract arguments (`jaxeff.train.recipe.lowerable_step`)."""
+    from jaxeff.train.recipe import lowerable_step as recipe_step
+
+    return recipe_step(cfg)
+
+
 EXPERIMENTS = {
     "lm": Experiment(
         get_config,
         run,
-        presets=("smoke", "cpu", "demo"),
+        presets=("smoke", "cpu", "demo", "gpu", "tpu"),
         doc=__doc__,
+        lowerable=lowerable_step,
         title="Tiny Llama-style decoder pre-training on the embedded corpora, against a unigram "
         "model.",
     ),
     "lm-bench": Experiment(
         get_bench_config,
         run_bench,
-        presets=("smoke", "cpu"),
+        presets=("smoke", "cpu", "gpu"),
+        lowerable=lambda cfg: lowerable_step(cfg.lm),
         doc="Training tokens/s and MFU of the lm cpu model vs this machine's f32 matmul peak.",
     ),
 }

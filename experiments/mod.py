@@ -9,6 +9,13 @@ block). For capacities 0.5, 0.25 and 0.125: the FLOPs of the jitted forward + ba
 cost analysis, and its median wall time (dense and routed timed round-robin in one process).
 
     jaxeff run mod-bench --preset cpu    # ~2 min on 2 cores
+    jaxeff run mod-bench --preset gpu    # ~1 min on one H100/H200: a 1B model's block, bf16
+    jaxeff run mod-bench --preset tpu    # one v5e chip: the same block at S 2048, bf16
+
+The ``gpu`` preset times the block of a ~1B Llama (Llama 3.2 1B's width: D 2048, 32 / 8 heads,
+SwiGLU 8192; 61M parameters) on ``x [4, 4096, 2048]`` in bfloat16 (~7.6 TFLOP per dense step,
+XLA attention); ``tpu`` the same block on ``x [4, 2048, 2048]`` (sized for one v5e chip's 16
+GiB). Both also lower without the hardware (`lowerable_step`, ``jaxeff lower``).
 
 Theory: the MLP and projections scale with ``k`` (ratio ``c``), attention with ``k^2`` (``c^2``);
 the router adds ``B L D`` multiply-adds and the top-k, gather and scatter are memory work. So the
@@ -16,9 +23,12 @@ FLOP ratio tends to ``c`` from above as ``L`` grows relative to ``D`` ... and to
 attention dominates.
 
 JSON: ``flop_ratio_0125``, ``wall_ratio_0125`` (routed / dense at capacity 0.125), and
-``by_capacity``: per capacity ``k``, ``flops``, ``flop_ratio``, ``wall_s``, ``wall_ratio``;
-``dense_flops``, ``dense_wall_s``, ``shape``. Targets (Raposo et al., 2024; a goal rather than a
-test): ``flop_ratio_0125`` <= 0.1 and ``wall_ratio_0125`` <= 0.2.
+``by_capacity``: per capacity ``k``, ``flops``, ``flop_ratio``, ``wall_s``, ``wall_ratio``,
+``flops_per_s``, ``mfu``; ``dense_flops``, ``dense_wall_s``, ``dense_flops_per_s``, ``dense_mfu``,
+``dtype``, ``shape``. ``mfu`` is the XLA-counted FLOP/s over the device's dense datasheet peak
+for ``model.dtype`` (`jaxeff.bench.device_peak_flops`); None on a CPU or an unknown device.
+Targets (Raposo et al., 2024; a goal rather than a test): ``flop_ratio_0125`` <= 0.1 and
+``wall_ratio_0125`` <= 0.2.
 
 Reference: Raposo et al., Mixture-of-Depths: Dynamically allocating compute in
 transformer-based language models, 2024 (https://arxiv.org/abs/2404.02258).
@@ -47,6 +57,12 @@ class ModBenchConfig:
     seed: int = 0
 
 
+# one block of a ~1B Llama (Llama 3.2 1B's width), computing in bfloat16
+BLOCK_1B = TransformerConfig(
+    dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, ffn_dim=8192, dtype="bfloat16"
+)
+
+
 def get_bench_config(preset: str) -> ModBenchConfig:
     if preset == "smoke":
         return ModBenchConfig(
@@ -55,10 +71,16 @@ def get_bench_config(preset: str) -> ModBenchConfig:
             model=TransformerConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
             repeats=1,
         )
+    if preset == "gpu":
+        return ModBenchConfig(batch=4, seq_len=4096, model=BLOCK_1B, repeats=30)
+    if preset == "tpu":
+        return ModBenchConfig(batch=4, seq_len=2048, model=BLOCK_1B, repeats=30)
     return ModBenchConfig()
 
 
-def _block_fns(cfg: ModBenchConfig):
+def _block_fns(cfg: ModBenchConfig, abstract: bool = False):
+    """``(params, dense, routed, fwd_bwd)``; ``abstract``: params as ``jax.ShapeDtypeStruct``
+    (nothing allocated, for lowering)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -68,8 +90,14 @@ def _block_fns(cfg: ModBenchConfig):
     from jaxeff.nn.transformer import Block, LayerInputs
 
     mcfg = dataclasses.replace(cfg.model, max_seq_len=cfg.seq_len)
-    graphdef, block_params = nnx.split(Block(mcfg, rngs=nnx.Rngs(cfg.seed)))
-    router = 0.02 * jax.random.normal(jax.random.key(cfg.seed + 1), (mcfg.dim,))
+
+    def init():
+        block = Block(mcfg, rngs=nnx.Rngs(cfg.seed))
+        router = 0.02 * jax.random.normal(jax.random.key(cfg.seed + 1), (mcfg.dim,))
+        return block, router
+
+    block, router = nnx.eval_shape(init) if abstract else init()
+    graphdef, block_params = nnx.split(block)
     params = {"block": block_params, "router": router}
     inv_freq, factor = rope_frequencies(mcfg.head_dim, mcfg.rope_base, None)
 
@@ -91,7 +119,7 @@ def _block_fns(cfg: ModBenchConfig):
 
     def fwd_bwd(forward):
         def loss(params, x, positions, w):
-            return jnp.sum(forward(params, x, positions) * w)
+            return jnp.sum((forward(params, x, positions) * w).astype(jnp.float32))
 
         return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
@@ -104,27 +132,56 @@ def _flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def run_bench(cfg: ModBenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
-    import functools
-    import os
-
-    import jax
-
-    from jaxeff.bench import interleaved_median_times
-    from jaxeff.nn.mod import capacity_to_k
-
+def _check_bench(cfg: ModBenchConfig) -> None:
     for c in cfg.capacities:
         if not 0.0 < c <= 1.0:
             raise ValueError(f"capacities: {c} is not in (0, 1]")
     if 0.125 not in cfg.capacities:
         raise ValueError(f"capacities = {cfg.capacities} must include 0.125 (the JSON's key)")
-    params, dense, routed, fwd_bwd = _block_fns(cfg)
-    keys = jax.random.split(jax.random.key(cfg.seed + 2), 2)
+
+
+def _bench_args(cfg: ModBenchConfig, params, abstract: bool = False):
+    """``(params, x, positions, w)``: ``x`` and the cotangent weights ``w`` ``[B, L, D]`` in the
+    compute dtype (``model.dtype``), positions ``[B, L]``."""
+    import jax
+    import jax.numpy as jnp
+
     shape = (cfg.batch, cfg.seq_len, cfg.model.dim)
-    x = jax.random.normal(keys[0], shape)
-    w = jax.random.normal(keys[1], shape)
-    positions = jax.numpy.broadcast_to(jax.numpy.arange(cfg.seq_len), shape[:2])
-    args = (params, x, positions, w)
+    dtype = cfg.model.compute_dtype
+    if abstract:
+        x = w = jax.ShapeDtypeStruct(shape, dtype)
+        positions = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
+        return params, x, positions, w
+    keys = jax.random.split(jax.random.key(cfg.seed + 2), 2)
+    x = jax.random.normal(keys[0], shape, dtype)
+    w = jax.random.normal(keys[1], shape, dtype)
+    positions = jnp.broadcast_to(jnp.arange(cfg.seq_len, dtype=jnp.int32), shape[:2])
+    return params, x, positions, w
+
+
+def lowerable_step(cfg: ModBenchConfig, capacity: float | None = 0.125):
+    """``(fn, abstract_args)`` of the jitted forward + backward mod-bench times: the routed block
+    at ``capacity`` (None: the dense block), with ``jax.ShapeDtypeStruct`` params and inputs
+    (``jax.export.export(fn, platforms=[...])(*abstract_args)`` lowers it without a device)."""
+    import functools
+
+    _check_bench(cfg)
+    params, dense, routed, fwd_bwd = _block_fns(cfg, abstract=True)
+    forward = dense if capacity is None else functools.partial(routed, capacity=capacity)
+    return fwd_bwd(forward), _bench_args(cfg, params, abstract=True)
+
+
+def run_bench(cfg: ModBenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
+    import functools
+    import os
+
+    from jaxeff.bench import interleaved_median_times, mfu
+    from jaxeff.nn.mod import capacity_to_k
+
+    _check_bench(cfg)
+    params, dense, routed, fwd_bwd = _block_fns(cfg)
+    args = _bench_args(cfg, params)
+    shape = args[1].shape
     compiled = {"dense": fwd_bwd(dense).lower(*args).compile()}
     for c in cfg.capacities:
         fn = fwd_bwd(functools.partial(routed, capacity=c))
@@ -141,28 +198,39 @@ def run_bench(cfg: ModBenchConfig, workdir: str | None = None, resume: bool = Fa
             "flop_ratio": flops[name] / flops["dense"],
             "wall_s": walls[name],
             "wall_ratio": walls[name] / walls["dense"],
+            "flops_per_s": flops[name] / walls[name],
+            "mfu": mfu(flops[name] / walls[name], cfg.model.dtype),
         }
     out = {
         "flop_ratio_0125": by_capacity["0.125"]["flop_ratio"],
         "wall_ratio_0125": by_capacity["0.125"]["wall_ratio"],
         "dense_flops": flops["dense"],
         "dense_wall_s": walls["dense"],
+        "dense_flops_per_s": flops["dense"] / walls["dense"],
+        "dense_mfu": mfu(flops["dense"] / walls["dense"], cfg.model.dtype),
+        "dtype": cfg.model.dtype,
         "shape": list(shape),
         "by_capacity": by_capacity,
     }
-    print(f"x [B, L, D] = {list(shape)}; forward + backward of one decoder block")
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    print(f"x [B, L, D] = {list(shape)} {cfg.model.dtype}; forward + backward of one decoder block")
     print(
         f"{'capacity':>8} {'k':>5} {'GFLOP':>8} {'flop ratio':>10} {'wall ms':>8} "
-        f"{'wall ratio':>10}"
+        f"{'wall ratio':>10} {'TFLOP/s':>8} {'MFU':>6}"
     )
     print(
         f"{'dense':>8} {cfg.seq_len:>5} {flops['dense'] / 1e9:>8.3f} {1.0:>10.3f} "
-        f"{1e3 * walls['dense']:>8.2f} {1.0:>10.3f}"
+        f"{1e3 * walls['dense']:>8.2f} {1.0:>10.3f} {out['dense_flops_per_s'] / 1e12:>8.3f} "
+        f"{pct(out['dense_mfu']):>6}"
     )
     for name, r in by_capacity.items():
         print(
             f"{name:>8} {r['k']:>5} {r['flops'] / 1e9:>8.3f} {r['flop_ratio']:>10.3f} "
-            f"{1e3 * r['wall_s']:>8.2f} {r['wall_ratio']:>10.3f}"
+            f"{1e3 * r['wall_s']:>8.2f} {r['wall_ratio']:>10.3f} {r['flops_per_s'] / 1e12:>8.3f} "
+            f"{pct(r['mfu']):>6}"
         )
     print(
         f"capacity 0.125: flop ratio {out['flop_ratio_0125']:.3f} (goal <= 0.1), wall ratio "
@@ -748,7 +816,13 @@ def _print_modification_table(out: dict) -> None:
 
 
 EXPERIMENTS = {
-    "mod-bench": Experiment(get_bench_config, run_bench, presets=("smoke", "cpu"), doc=__doc__),
+    "mod-bench": Experiment(
+        get_bench_config,
+        run_bench,
+        presets=("smoke", "cpu", "gpu", "tpu"),
+        doc=__doc__,
+        lowerable=lowerable_step,
+    ),
     "mod-lm": Experiment(get_lm_config, run_lm, presets=("smoke", "cpu"), doc=MOD_LM_DOC),
     "modification": Experiment(
         get_modification_config,

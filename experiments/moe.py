@@ -59,11 +59,23 @@ nothing, so it is timed on TPU only), and of expert parallelism on 8 simulated C
 against one of those devices, in a subprocess. Ratios from one run, side by side.
 
     jaxeff run moe-bench --preset cpu
+    jaxeff run moe-bench --preset gpu    # ~1 min on one H100/H200: a 403M-parameter layer, bf16
+    jaxeff run moe-bench --preset tpu    # a v5e-8 host (EP over its 8 chips), bf16
+
+The ``gpu`` preset: one MoE layer of width 2048 with 8 SwiGLU experts of 8192 (403M
+parameters, top-2) on ``x [8, 2048, 2048]`` in bfloat16; expert parallelism is off
+(``ep_devices=0``; ``--set ep_devices=8`` on an 8-GPU host: with ``ep_devices`` real devices it
+runs in-process, off an accelerator on simulated CPU devices). ``tpu``: the same layer, grouped
+matmul by megablox ``gmm``, EP over 8 chips.
 
 JSON: ``einsum_tok_s``, ``gmm_tok_s``, ``gmm_vs_einsum``, ``gmm_implementation``,
-``ep_tok_s``, ``ep_single_tok_s``, ``ep_vs_single``. Measured here: ``gmm_vs_einsum`` 0.087
-(XLA:CPU lowers ``ragged_dot`` far slower than the dense einsums), ``ep_vs_single`` 0.87 (8
-simulated devices on 2 cores).
+``ep_tok_s``, ``ep_single_tok_s``, ``ep_vs_single`` (None with ``ep_devices=0``),
+``model_flops_per_token`` (forward + backward of the router and of the expert slots a token can
+fill: ``6 (3 D F min(k, E C / S) + D E)``, capacity-bound, so dropped assignments are not
+counted), ``einsum_mfu``, ``gmm_mfu`` (tokens/s times that over the device's dense datasheet
+peak for ``dtype``, `jaxeff.bench.device_peak_flops`; None on a CPU). Measured here:
+``gmm_vs_einsum`` 0.087 (XLA:CPU lowers ``ragged_dot`` far slower than the dense einsums),
+``ep_vs_single`` 0.87 (8 simulated devices on 2 cores).
 
 References: Xue et al., OpenMoE, ICML 2024 (https://arxiv.org/abs/2402.01739); Xue et al., To
 Repeat or Not To Repeat: Insights from Scaling LLM under Token-Crisis, NeurIPS 2023
@@ -140,7 +152,8 @@ class BenchConfig:
     expert_dim: int = 512
     warmup: int = 2
     repeats: int = 10
-    ep_devices: int = 8
+    ep_devices: int = 8  # 0: no expert-parallel measurement
+    dtype: str = "float32"  # compute dtype of x and the experts (parameters stay float32)
     seed: int = 0
 
 
@@ -203,7 +216,21 @@ def get_bench_config(preset: str) -> BenchConfig:
         )
     if preset == "cpu":
         return BenchConfig()
-    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu")
+    if preset in ("gpu", "tpu"):
+        # one MoE layer of a ~1B decoder: width 2048, 8 experts of 8192 (403M parameters)
+        return BenchConfig(
+            batch=8,
+            seq_len=2048,
+            dim=2048,
+            num_experts=8,
+            top_k=2,
+            expert_dim=8192,
+            warmup=2,
+            repeats=20,
+            ep_devices=0 if preset == "gpu" else 8,
+            dtype="bfloat16",
+        )
+    raise ValueError(f"unknown preset {preset!r}; allowed: smoke, cpu, gpu, tpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,31 +690,73 @@ def _expert_parallel_bench(cfg: BenchConfig) -> dict:
     return {"ep_single_tok_s": single, "ep_tok_s": ep}
 
 
-def _time_layer(cfg: BenchConfig, implementation: str, mesh) -> float:
-    """Tokens/s of a jitted forward + backward of one MoE layer (median of ``repeats``)."""
-    import time
+def _bench_moe_config(cfg: BenchConfig):
+    from jaxeff.nn.moe import MoEConfig
 
+    return MoEConfig(
+        num_experts=cfg.num_experts, top_k=cfg.top_k, expert_dim=cfg.expert_dim, min_capacity=1
+    )
+
+
+def bench_flops_per_token(cfg: BenchConfig) -> float:
+    """Model FLOPs per token of one MoE layer's forward + backward: ``6 (3 D F k' + D E)`` with
+    ``k' = min(k, E C / S)`` the expert slots per token that the training capacity ``C`` leaves
+    (so assignments the layer drops are not counted)."""
+    capacity = _bench_moe_config(cfg).capacity(cfg.seq_len, train=True)
+    slots = min(cfg.top_k, cfg.num_experts * capacity / cfg.seq_len)
+    return 6.0 * (3 * cfg.dim * cfg.expert_dim * slots + cfg.dim * cfg.num_experts)
+
+
+def _layer_step(cfg: BenchConfig, implementation: str, mesh, abstract: bool = False):
+    """``(step, params, x)``: the jitted forward + backward of one MoE layer (``mesh``: expert
+    parallel over its ``expert`` axis), its parameters and input ``x [B, S, D]`` in ``dtype``
+    (``abstract``: ``jax.ShapeDtypeStruct``, nothing allocated)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from jaxeff.nn import moe
+    from jaxeff.nn.config import DTYPES
 
-    mcfg = moe.MoEConfig(
-        num_experts=cfg.num_experts, top_k=cfg.top_k, expert_dim=cfg.expert_dim, min_capacity=1
-    )
-    params = moe.MoELayer(cfg.dim, mcfg, std=0.02, out_std=0.02, rngs=nnx.Rngs(cfg.seed)).params()
-    x = jax.random.normal(jax.random.key(cfg.seed), (cfg.batch, cfg.seq_len, cfg.dim))
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}; allowed: {', '.join(DTYPES)}")
+    dtype = getattr(jnp, cfg.dtype)
+    mcfg = _bench_moe_config(cfg)
+    shape = (cfg.batch, cfg.seq_len, cfg.dim)
+
+    def init():
+        layer = moe.MoELayer(cfg.dim, mcfg, std=0.02, out_std=0.02, rngs=nnx.Rngs(cfg.seed))
+        return layer.params(), jax.random.normal(jax.random.key(cfg.seed), shape, dtype)
+
+    params, x = jax.eval_shape(init) if abstract else init()
 
     def loss(params, x):
         if mesh is None:
             y, aux, _ = moe.moe_apply(params, x, mcfg, train=True, implementation=implementation)
         else:
             y, aux, _ = moe.moe_expert_parallel(params, x, mcfg, mesh, train=True)
+        y = y.astype(jnp.float32)
         return jnp.mean(y * y) + aux["load_balance"] + aux["router_z"]
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), params, x
+
+
+def lowerable_step(cfg: BenchConfig, implementation: str = "einsum"):
+    """``(fn, abstract_args)`` of the jitted forward + backward moe-bench times on one device
+    (``implementation``: "einsum" or "ragged_dot"; "gmm" lowers interpreted off a TPU), with
+    ``jax.ShapeDtypeStruct`` params and input, for ``jax.export``."""
+    step, params, x = _layer_step(cfg, implementation, None, abstract=True)
+    return step, (params, x)
+
+
+def _time_layer(cfg: BenchConfig, implementation: str, mesh) -> float:
+    """Tokens/s of a jitted forward + backward of one MoE layer (median of ``repeats``)."""
+    import time
+
+    import jax
+    import numpy as np
+
+    step, params, x = _layer_step(cfg, implementation, mesh)
     for _ in range(cfg.warmup):
         jax.block_until_ready(step(params, x))
     times = []
@@ -702,33 +771,63 @@ def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False
 
     import jax
 
+    from jaxeff.bench import mfu
+
     del resume
-    grouped = "gmm" if jax.default_backend() == "tpu" else "ragged_dot"
+    backend = jax.default_backend()
+    if cfg.ep_devices < 0:
+        raise ValueError(f"ep_devices={cfg.ep_devices}; allowed: 0 (no EP) or >= 1")
+    if 0 < jax.device_count() < cfg.ep_devices and backend != "cpu":
+        raise ValueError(
+            f"ep_devices={cfg.ep_devices} needs that many devices; this host has "
+            f"{jax.device_count()} {backend} device(s) (simulated devices exist only off an "
+            "accelerator): set ep_devices=0 to skip expert parallelism"
+        )
+    grouped = "gmm" if backend == "tpu" else "ragged_dot"
     einsum = _time_layer(cfg, "einsum", None)
     gmm = _time_layer(cfg, grouped, None)
+    flops_per_token = bench_flops_per_token(cfg)
     summary = {
         "einsum_tok_s": einsum,
         "gmm_tok_s": gmm,
         "gmm_vs_einsum": gmm / einsum,
         "gmm_implementation": grouped,
+        "model_flops_per_token": flops_per_token,
+        "einsum_mfu": mfu(einsum * flops_per_token, cfg.dtype),
+        "gmm_mfu": mfu(gmm * flops_per_token, cfg.dtype),
+        "dtype": cfg.dtype,
     }
-    from jaxeff.parallel.multiprocess import call_on_simulated_devices
-
-    ep = call_on_simulated_devices(_expert_parallel_bench, cfg, cfg.ep_devices)
-    summary.update(ep)
-    summary["ep_vs_single"] = ep["ep_tok_s"] / ep["ep_single_tok_s"]
-    summary["ep_devices"] = cfg.ep_devices
     rows = [
         ["einsum dispatch/combine", einsum, 1.0],
         [f"grouped matmul ({grouped})", gmm, summary["gmm_vs_einsum"]],
-        ["einsum, 1 of the simulated devices", ep["ep_single_tok_s"], 1.0],
-        [
-            f"expert parallel, {cfg.ep_devices} simulated devices",
-            ep["ep_tok_s"],
-            summary["ep_vs_single"],
-        ],
     ]
+    if cfg.ep_devices == 0:
+        summary.update(ep_tok_s=None, ep_single_tok_s=None, ep_vs_single=None)
+    else:
+        if jax.device_count() >= cfg.ep_devices and backend != "cpu":
+            ep, where = _expert_parallel_bench(cfg), f"{backend} devices"
+        else:
+            from jaxeff.parallel.multiprocess import call_on_simulated_devices
+
+            ep = call_on_simulated_devices(_expert_parallel_bench, cfg, cfg.ep_devices)
+            where = "simulated devices"
+        summary.update(ep)
+        summary["ep_vs_single"] = ep["ep_tok_s"] / ep["ep_single_tok_s"]
+        rows += [
+            [f"einsum, 1 of the {where}", ep["ep_single_tok_s"], 1.0],
+            [
+                f"expert parallel, {cfg.ep_devices} {where}",
+                ep["ep_tok_s"],
+                summary["ep_vs_single"],
+            ],
+        ]
+    summary["ep_devices"] = cfg.ep_devices
     _log(_table("moe-bench: MoE layer forward+backward", ["path", "tokens/s", "ratio"], rows))
+    if summary["einsum_mfu"] is not None:
+        _log(
+            f"MFU ({cfg.dtype}, {flops_per_token / 1e6:.1f} MFLOP/token): einsum "
+            f"{summary['einsum_mfu']:.3f}, {grouped} {summary['gmm_mfu']:.3f}"
+        )
     if workdir:
         with open(os.path.join(workdir, "bench.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -752,6 +851,8 @@ EXPERIMENTS = {
     "moe-bench": Experiment(
         get_bench_config,
         run_bench,
+        presets=("smoke", "cpu", "gpu", "tpu"),
+        lowerable=lowerable_step,
         doc="MoE expert computations: einsum vs grouped matmul vs expert parallel tokens/s.\n\n"
         + __doc__,
     ),

@@ -14,10 +14,24 @@ synthetic clips (`jaxeff.data.video`) twice from the same initialisation, batche
 one device, and with every block run by DSP over 8 devices. The loss curves must match.
 
     jaxeff run dsp-bench --preset cpu    # ~3 min on 2 cores
+    jaxeff run dsp-bench --preset gpu    # ~1 min on one H100/H200 (N = 1); N = 1..8 on 8 GPUs
+    jaxeff run dsp-bench --preset tpu    # a v5e-8 slice: N = 4 and 8 chips
     jaxeff run dsp-train --preset cpu    # ~6 min on 2 cores
 
 Both spawn one subprocess with 8 simulated CPU devices when the calling process has fewer
 (``XLA_FLAGS`` must be set before jax starts); with 8 real devices they run in-process.
+
+``dsp-bench``'s ``gpu`` and ``tpu`` presets time the block of an Open-Sora-sized STDiT (C 1152,
+16 heads, 21M parameters; 28 of them make the ~700M model) on ``x [1, 16, 512, 1152]`` (16
+frames of 512 patches: 8192 tokens; the reference ring attention's full logits, ~33 GiB at
+N = 1, bound the size) in bfloat16 (``dtype``: parameters cast for the step, gradients
+float32), and never simulate devices (``simulate=False``: the N above
+``jax.device_count()`` are skipped, so one GPU measures N = 1 only, where no method sends a
+byte and the wall times compare the methods' single-device arithmetic; ratios of zero bytes are
+None; XLA:CPU widens bfloat16 collectives to float32, so a bfloat16 run on CPU counts float32
+bytes). `lowerable_step` lowers one method's training step at the largest N without the
+hardware, given that many (simulated) devices (``jaxeff lower dsp-bench --preset gpu --platform
+cuda --devices 8``).
 
 Expected: Ulysses / DSP bytes = 4.0 at every N (measured exactly, forward and backward); ring /
 DSP = 2 (N-1); Megatron-SP / DSP = 1.5 (N+1). Wall time on simulated devices shares the same 2
@@ -29,7 +43,9 @@ JSON (``dsp-bench``): ``bytes_ratio_ulysses_vs_dsp``, ``bytes_ratio_ring_vs_dsp`
 ``bytes_ratio_megatron_vs_dsp``, ``wall_ratio_ring_vs_dsp``, ``wall_ratio_megatron_vs_dsp``), and
 ``by_n``: per N and per method ``bytes_fwd``, ``bytes_fwd_bwd`` (sequence-parallel collectives
 of a training step), ``bytes_param_grad_allreduce`` (the all-reduce of the replicated parameters'
-gradients, counted apart), ``theory_fwd``, ``wall_s``, ``by_collective``.
+gradients, counted apart), ``theory_fwd``, ``wall_s``, ``by_collective``, ``flops`` (per device,
+XLA's cost analysis of the training step), ``flops_per_s`` and ``mfu`` (over the device's dense
+datasheet peak for ``dtype``, `jaxeff.bench.device_peak_flops`; None on a CPU).
 JSON (``dsp-train``): ``loss_single``, ``loss_dsp`` (final training loss), ``max_loss_diff``
 (over all steps), ``max_param_rel_diff`` (final parameters), ``val_loss_init``,
 ``val_loss_single``, ``val_loss_dsp``, ``step_time_single``, ``step_time_dsp``, ``devices``.
@@ -62,6 +78,9 @@ class BenchConfig:
     heads: int = 8
     n_values: tuple[int, ...] = (2, 4, 8)
     repeats: int = 7
+    dtype: str = "float32"  # compute dtype of x and the (cast) parameters
+    # False: never start simulated devices; the N above jax.device_count() are skipped
+    simulate: bool = True
     seed: int = 0
 
 
@@ -82,6 +101,21 @@ class TrainConfig:
 def get_bench_config(preset: str) -> BenchConfig:
     if preset == "smoke":
         return BenchConfig(frames=8, patches=8, dim=16, heads=8, n_values=(8,), repeats=1)
+    if preset in ("gpu", "tpu"):
+        # one block of an Open-Sora-sized STDiT: 16 frames of 512 patches, C 1152, 16 heads.
+        # The reference ring attention computes the full (T S / N)^2 logits of every hop: at
+        # N = 1 ~33 GiB (fits an H100), at N = 2 ~15 GiB per device (not a v5e chip's 16 GiB)
+        return BenchConfig(
+            batch=1,
+            frames=16,
+            patches=512,
+            dim=1152,
+            heads=16,
+            n_values=(1, 2, 4, 8) if preset == "gpu" else (4, 8),
+            repeats=20,
+            dtype="bfloat16",
+            simulate=False,
+        )
     return BenchConfig()
 
 
@@ -117,6 +151,8 @@ def _on_devices(fn, cfg, n_devices: int) -> dict:
 
 def theory_bytes(method: str, activation_bytes: int, n: int) -> int:
     """Forward bytes per device per spatial+temporal block (see the module docstring)."""
+    if n == 1:
+        return 0  # one device sends nothing
     m = activation_bytes
     return {
         "dsp": 2 * m // n,
@@ -129,40 +165,124 @@ def theory_bytes(method: str, activation_bytes: int, n: int) -> int:
 FORMULAS = {"dsp": "2M/N", "ulysses": "8M/N", "ring": "4(N-1)M/N", "megatron": "3M(N+1)/N"}
 
 
-def bench_on_devices(cfg: BenchConfig) -> dict:
+def _bench_inputs(cfg: BenchConfig, abstract: bool = False):
+    """``(params, x)``: the block's float32 parameters and ``x [B, T, S, C]`` in ``dtype``
+    (``abstract``: ``jax.ShapeDtypeStruct``, nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxeff.nn.config import DTYPES
+    from jaxeff.nn.video import STBlock, block_params
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}; allowed: {', '.join(DTYPES)}")
+    shape = (cfg.batch, cfg.frames, cfg.patches, cfg.dim)
+
+    def init():
+        params = block_params(STBlock(cfg.dim, heads=cfg.heads, rngs=nnx.Rngs(cfg.seed)))
+        x = jax.random.normal(jax.random.key(cfg.seed + 1), shape, getattr(jnp, cfg.dtype))
+        return params, x
+
+    return jax.eval_shape(init) if abstract else init()
+
+
+def _method_fns(cfg: BenchConfig, mesh, method: str):
+    """``(forward, step)``, both jitted: the block under ``method`` and the gradient of a loss
+    on it, the parameters cast to ``dtype`` inside (float32 gradients)."""
     import functools
 
     import jax
-    import numpy as np
-    from flax import nnx
+    import jax.numpy as jnp
 
-    from jaxeff.bench import interleaved_median_times
-    from jaxeff.nn.video import STBlock, block_params
-    from jaxeff.parallel import comm
     from jaxeff.parallel import sequence as sq
 
-    params = block_params(STBlock(cfg.dim, heads=cfg.heads, rngs=nnx.Rngs(cfg.seed)))
-    shape = (cfg.batch, cfg.frames, cfg.patches, cfg.dim)
-    x = jax.random.normal(jax.random.key(cfg.seed + 1), shape)
-    activation_bytes = int(np.prod(shape)) * 4
+    block = functools.partial(sq.sequence_parallel_block, mesh=mesh, heads=cfg.heads, method=method)
+
+    def cast(p):
+        return jax.tree.map(lambda a: a.astype(getattr(jnp, cfg.dtype)), p)
+
+    def forward(p, x):
+        return block(cast(p), x)
+
+    def loss(p, x):
+        return (forward(p, x).astype(jnp.float32) ** 2).mean()
+
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _mesh(n: int):
+    import jax
+
+    if jax.device_count() < n:
+        raise ValueError(
+            f"N = {n} needs {n} devices, jax sees {jax.device_count()} (simulated CPU devices: "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts; jaxeff "
+            f"lower: --devices {n})"
+        )
+    return jax.make_mesh(
+        (n,), ("seq",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def lowerable_step(cfg: BenchConfig, method: str = "dsp"):
+    """``(fn, abstract_args)`` of the jitted forward + backward dsp-bench times for ``method``
+    at ``N = max(n_values)`` (which needs N devices, simulated ones will do), with
+    ``jax.ShapeDtypeStruct`` params and input, for ``jax.export``."""
+    if method not in METHODS:
+        raise ValueError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
+    _, step = _method_fns(cfg, _mesh(max(cfg.n_values)), method)
+    return step, _bench_inputs(cfg, abstract=True)
+
+
+def lower_on_devices(cfg: BenchConfig, platforms=("cuda",)) -> dict:
+    """Exports every method's training step for ``platforms`` (e.g. ``["cuda", "tpu"]``) at
+    ``N = max(n_values)`` (`lowerable_step`; nothing compiled or run) and returns, per method,
+    the platforms and number of devices of the exported module and the count of each
+    collective in its StableHLO. Runs where jax sees N devices (`call_on_simulated_devices`)."""
+    import re
+
+    from jax import export
+
+    out = {}
+    for method in METHODS:
+        fn, args = lowerable_step(cfg, method)
+        exported = export.export(fn, platforms=list(platforms))(*args)
+        text = exported.mlir_module()
+        ops = re.findall(
+            r"stablehlo\.(all_to_all|all_gather|all_reduce|reduce_scatter|"
+            r"collective_permute)",
+            text,
+        )
+        out[method] = {
+            "nr_devices": exported.nr_devices,
+            "platforms": list(exported.platforms),
+            "collectives": {op: ops.count(op) for op in sorted(set(ops))},
+        }
+    return out
+
+
+def bench_on_devices(cfg: BenchConfig) -> dict:
+    import functools
+
+    import numpy as np
+
+    from jaxeff.bench import interleaved_median_times, mfu
+    from jaxeff.parallel import comm
+
+    params, x = _bench_inputs(cfg)
+    shape = x.shape
+    activation_bytes = int(np.prod(shape)) * x.dtype.itemsize
     by_n = {}
     for n in cfg.n_values:
-        mesh = jax.make_mesh(
-            (n,), ("seq",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,)
-        )
+        mesh = _mesh(n)
         row, calls = {}, {}
         for method in METHODS:
-            block = functools.partial(
-                sq.sequence_parallel_block, mesh=mesh, heads=cfg.heads, method=method
-            )
-
-            def loss(p, x, block=block):
-                return (block(p, x) ** 2).mean()
-
+            forward, step = _method_fns(cfg, mesh, method)
             # one compile each: the forward for its bytes, the training step for its bytes
             # and its wall time
-            fwd = jax.jit(block).lower(params, x).compile()
-            step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+            fwd = forward.lower(params, x).compile()
+            step = step.lower(params, x).compile()
             fwd_bytes = comm.collective_bytes(fwd.as_text())
             both = comm.collective_bytes(step.as_text())
             calls[method] = functools.partial(step, params, x)
@@ -178,49 +298,86 @@ def bench_on_devices(cfg: BenchConfig) -> dict:
             }
         walls = interleaved_median_times(calls, repeats=cfg.repeats, warmup=1)
         for method in METHODS:
-            row[method]["wall_s"] = walls[method]
+            r = row[method]
+            r["wall_s"] = walls[method]
+            r["flops"] = _flops(calls[method].func)
+            r["flops_per_s"] = r["flops"] / r["wall_s"]
+            r["mfu"] = mfu(r["flops_per_s"], cfg.dtype)
         by_n[str(n)] = row
         sys.stderr.write(f"dsp-bench: N = {n} done\n")
     return {"by_n": by_n, "activation_bytes": activation_bytes, "shape": list(shape)}
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
 def run_bench(cfg: BenchConfig, workdir: str | None = None, resume: bool = False) -> dict:
     if max(cfg.n_values) > DEVICES or min(cfg.n_values) < 1:
         raise ValueError(f"n_values = {cfg.n_values}: each N must be in 1..{DEVICES}")
-    res = _on_devices(bench_on_devices, cfg, max(cfg.n_values))
+    if cfg.simulate:
+        res = _on_devices(bench_on_devices, cfg, max(cfg.n_values))
+    else:
+        import jax
+
+        present = tuple(n for n in cfg.n_values if n <= jax.device_count())
+        if not present:
+            raise ValueError(
+                f"n_values = {cfg.n_values} with simulate=False: jax sees only "
+                f"{jax.device_count()} device(s)"
+            )
+        res = bench_on_devices(dataclasses.replace(cfg, n_values=present))
     by_n, m = res["by_n"], res["activation_bytes"]
-    top = by_n[str(max(cfg.n_values))]
+    n_top = max(int(n) for n in by_n)
+    top = by_n[str(n_top)]
     out = {
-        "bytes_ratio_ulysses_vs_dsp": top["ulysses"]["bytes_fwd_bwd"] / top["dsp"]["bytes_fwd_bwd"],
-        "bytes_ratio_ring_vs_dsp": top["ring"]["bytes_fwd_bwd"] / top["dsp"]["bytes_fwd_bwd"],
+        "bytes_ratio_ulysses_vs_dsp": _ratio(
+            top["ulysses"]["bytes_fwd_bwd"], top["dsp"]["bytes_fwd_bwd"]
+        ),
+        "bytes_ratio_ring_vs_dsp": _ratio(
+            top["ring"]["bytes_fwd_bwd"], top["dsp"]["bytes_fwd_bwd"]
+        ),
         "wall_ratio_ulysses_vs_dsp": top["ulysses"]["wall_s"] / top["dsp"]["wall_s"],
-        "bytes_ratio_megatron_vs_dsp": (
-            top["megatron"]["bytes_fwd_bwd"] / top["dsp"]["bytes_fwd_bwd"]
+        "bytes_ratio_megatron_vs_dsp": _ratio(
+            top["megatron"]["bytes_fwd_bwd"], top["dsp"]["bytes_fwd_bwd"]
         ),
         "wall_ratio_ring_vs_dsp": top["ring"]["wall_s"] / top["dsp"]["wall_s"],
         "wall_ratio_megatron_vs_dsp": top["megatron"]["wall_s"] / top["dsp"]["wall_s"],
-        "n": max(cfg.n_values),
+        "n": n_top,
         "activation_bytes": m,
+        "dtype": cfg.dtype,
         "shape_btsc": res["shape"],
         "by_n": by_n,
     }
-    print(f"x [B, T, S, C] = {res['shape']} f32, M = {m} bytes")
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    print(f"x [B, T, S, C] = {res['shape']} {cfg.dtype}, M = {m} bytes")
     print(
         f"{'N':>2}  {'method':8} {'formula':10} {'theory fwd':>11} {'measured fwd':>13} "
-        f"{'fwd+bwd':>10} {'wall ms':>8}"
+        f"{'fwd+bwd':>10} {'wall ms':>8} {'TFLOP/s':>8} {'MFU':>6}"
     )
     for n, row in by_n.items():
         for method in METHODS:
             r = row[method]
+            util = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             print(
                 f"{n:>2}  {method:8} {r['formula']:10} {r['theory_fwd']:>11} {r['bytes_fwd']:>13} "
-                f"{r['bytes_fwd_bwd']:>10} {1e3 * r['wall_s']:>8.2f}"
+                f"{r['bytes_fwd_bwd']:>10} {1e3 * r['wall_s']:>8.2f} "
+                f"{r['flops_per_s'] / 1e12:>8.3f} {util:>6}"
             )
     print(
-        f"N = {out['n']}: Ulysses/DSP bytes {out['bytes_ratio_ulysses_vs_dsp']:.2f} "
-        f"(theory 8M/N / 2M/N = 4), ring/DSP {out['bytes_ratio_ring_vs_dsp']:.2f} "
+        f"N = {out['n']}: Ulysses/DSP bytes {fmt(out['bytes_ratio_ulysses_vs_dsp'])} "
+        f"(theory 8M/N / 2M/N = 4), ring/DSP {fmt(out['bytes_ratio_ring_vs_dsp'])} "
         f"(theory 2(N-1) = {2 * (out['n'] - 1)}), Megatron-SP/DSP "
-        f"{out['bytes_ratio_megatron_vs_dsp']:.2f} (theory 1.5(N+1) = {1.5 * (out['n'] + 1)}); "
+        f"{fmt(out['bytes_ratio_megatron_vs_dsp'])} (theory 1.5(N+1) = {1.5 * (out['n'] + 1)}); "
         f"wall Ulysses/DSP {out['wall_ratio_ulysses_vs_dsp']:.2f}, ring/DSP "
         f"{out['wall_ratio_ring_vs_dsp']:.2f}, "
         f"Megatron-SP/DSP {out['wall_ratio_megatron_vs_dsp']:.2f}"
@@ -420,6 +577,8 @@ EXPERIMENTS = {
     "dsp-bench": Experiment(
         get_bench_config,
         run_bench,
+        presets=("smoke", "cpu", "gpu", "tpu"),
+        lowerable=lowerable_step,
         doc=__doc__,
         title="DSP vs Ulysses, ring and Megatron-SP on a spatial-temporal block: bytes sent per "
         "device and wall time on 2-8 devices.",

@@ -4,6 +4,7 @@
     jaxeff run NAME [--preset P] [--config FILE.json] [--set a.b=value ...] [--out DIR] [--resume]
     jaxeff run NAME --help          # the experiment, its presets and every config key
     jaxeff show NAME [--preset P] [--config FILE.json] [--set a.b=value ...]  # config as JSON
+    jaxeff lower NAME --preset P --platform cuda|tpu [--devices N] [--set ...]  # AOT, JSON
     jaxeff generate "prompt" [--chat] [--model FILE.gguf] [--max-new-tokens N] [--temperature T]
     jaxeff chat [--system TEXT] [--model FILE.gguf]
     jaxeff serve [--model FILE.gguf] [--host 127.0.0.1] [--port 8000]
@@ -12,6 +13,13 @@ Progress goes to stderr; the last line on stdout is one JSON object with the fin
 (also written to ``summary.json`` in the run directory). A bad name, preset, key or value is
 reported in one line on stderr with exit code 2. ``--config`` (a JSON object, nested or
 dotted keys, or a run's ``config.json``) is applied before the ``--set`` flags.
+
+In a multi-process job (one process per host) only process 0 prints progress, the run
+directory line and the summary. A run stopped by SIGTERM (a preemption notice) saves its state
+and exits with code 143 (128 + SIGTERM); ``--resume`` continues it exactly.
+
+``jaxeff lower`` exports an experiment's train step for a platform this host does not have
+(`jaxeff.lower`): ``--devices`` defaults to the preset's mesh.
 """
 
 from __future__ import annotations
@@ -50,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print an experiment's resolved config as JSON")
     show.add_argument("name", help="experiment name (see `jaxeff list`)")
     _add_config_args(show)
+    lower = sub.add_parser(
+        "lower", help="lower (jax.export) an experiment's train step for cuda or tpu, as JSON"
+    )
+    lower.add_argument("name", help="experiment name (see `jaxeff list`)")
+    _add_config_args(lower)
+    lower.add_argument("--platform", required=True, choices=("cuda", "tpu"))
+    lower.add_argument(
+        "--devices", type=_count(1), default=None, help="target device count (default: the mesh)"
+    )
     for name, help_text in (
         ("generate", "continue a prompt with a local GGUF model (default SmolLM2-135M)"),
         ("chat", "chat with a local GGUF model on the terminal (ChatML)"),
@@ -244,6 +261,19 @@ def main(argv: list[str] | None = None) -> int:
                 presets = ",".join(exp.presets)
                 print(f"{name:<20} [{presets}]  {exp.summary}")
             return 0
+        if args.command == "lower":
+            from jaxeff.lower import lower
+
+            report = lower(
+                args.name,
+                args.preset,
+                args.platform,
+                args.devices,
+                args.overrides,
+                args.config_file,
+            )
+            print(json.dumps(report), flush=True)
+            return 0
         if args.command == "show":
             _, cfg = experiment.resolve_config(
                 args.name, args.preset, args.overrides, args.config_file
@@ -265,8 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         exp, cfg, workdir = experiment.prepare_run(
             args.name, args.preset, args.overrides, args.out, args.resume, args.config_file
         )
-        sys.stderr.write(f"jaxeff: running {args.name} in {workdir}\n")
+        lead = _process_index() == 0
+        if lead:
+            sys.stderr.write(f"jaxeff: running {args.name} in {workdir}\n")
         summary = experiment.run_experiment(exp, cfg, workdir, resume=args.resume)
+    except _preempted() as err:
+        if _process_index() == 0:
+            sys.stderr.write(f"jaxeff: {err}\n")
+        return 143
     except ValueError as err:  # ConfigError, CheckpointError and bad data are ValueErrors
         return _fail(err)
     except OSError as err:  # a path that cannot be read or written, a port in use
@@ -284,8 +320,29 @@ def main(argv: list[str] | None = None) -> int:
             "(set JAXEFF_TRACEBACK=1 for the traceback)\n"
         )
         return 1
-    print(json.dumps(summary), flush=True)
+    if lead:
+        print(json.dumps(summary), flush=True)
     return 0
+
+
+def _process_index() -> int:
+    """This process's index in a multi-process jax job (0 when jax was never started)."""
+    if "jax" not in sys.modules:
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def _preempted():
+    """`jaxeff.train.loop.Preempted` when the training loop is loaded (an exception type that
+    matches nothing otherwise, so `jaxeff list` never imports jax)."""
+    loop = sys.modules.get("jaxeff.train.loop")
+    return loop.Preempted if loop is not None else _Never
+
+
+class _Never(Exception):
+    pass
 
 
 if __name__ == "__main__":

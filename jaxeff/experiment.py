@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,10 @@ class Experiment:
       doc: the docstring: paper, command, expected result.
       title: the one-line summary of ``jaxeff list`` when ``doc`` is shared with other
         experiments (a module docstring); default: the first sentence of ``doc``.
+      lowerable: ``lowerable_step(config) -> (fn, abstract_args)``: the experiment's jitted
+        train/forward step and ``jax.ShapeDtypeStruct`` arguments (with shardings), for
+        ``jaxeff lower`` (jax.export without the hardware); None: the experiment cannot be
+        lowered.
     """
 
     get_config: Callable[[str], Any]
@@ -37,6 +42,7 @@ class Experiment:
     presets: tuple[str, ...] = ("smoke", "cpu")
     doc: str = ""
     title: str = ""
+    lowerable: Callable[[Any], tuple[Callable, tuple]] | None = None
 
     @property
     def summary(self) -> str:
@@ -106,38 +112,72 @@ def resolve_config(
 
 
 def newest_run_dir(name: str, root: str = "runs") -> str | None:
-    base = os.path.join(root, name)
-    if not os.path.isdir(base):
+    """The newest run directory of ``name`` under ``root`` (local or a URI), else None."""
+    from jaxeff.train.metrics import as_path
+
+    base = os.path.join(os.fspath(root), name)
+    path = as_path(base)
+    if not path.is_dir():
         return None
-    runs = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    runs = sorted(p.name for p in path.iterdir() if p.is_dir())
     return os.path.join(base, runs[-1]) if runs else None
+
+
+def process_count() -> int:
+    """The number of processes of this job: ``jax.process_count()`` once jax is imported and
+    ``jax.distributed`` initialized (the CLI joins a multi-process job before `prepare_run`),
+    else 1; never imports jax."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 1
+    initialized = getattr(getattr(jax, "distributed", None), "is_initialized", None)
+    if initialized is None or not initialized():
+        return 1
+    return jax.process_count()
+
+
+def process_index() -> int:
+    """This process's index (0 unless `process_count` > 1)."""
+    return sys.modules["jax"].process_index() if process_count() > 1 else 0
 
 
 def prepare_run(
     name: str,
     preset: str | None = None,
     overrides: list[str] | None = None,
-    out: str | None = None,
+    out: str | os.PathLike | None = None,
     resume: bool = False,
     config_file: str | None = None,
 ):
     """Validates everything and picks the run directory; returns ``(experiment, config,
     workdir)``. Raises ConfigError on a bad name, preset, key, value, ``--config`` file,
-    ``--out`` directory or resume target."""
+    ``--out`` directory or resume target.
+
+    ``out`` may be local or a URI of remote storage (``gs://bucket/run``, through
+    ``etils.epath``); ``workdir`` is a str, the URI unchanged. In a multi-process job every
+    process calls this: ``out`` is required (all hosts must share one run directory, and a
+    time stamp would differ between them), and only process 0 writes ``config.json``."""
+    from jaxeff.train.metrics import as_path
+
     overrides = list(overrides or [])
     exp = get_experiment(name)
     if out is not None:
+        out = os.fspath(out)
         _check_out_dir(out)
+    elif (count := process_count()) > 1:
+        raise config_lib.ConfigError(
+            f"--out is required when {count} processes run one job: every host must write to "
+            "the same run directory"
+        )
     if resume:
         workdir = out or newest_run_dir(name)
-        saved = os.path.join(workdir, "config.json") if workdir else None
-        if not saved or not os.path.exists(saved):
+        saved = as_path(os.path.join(workdir, "config.json")) if workdir else None
+        if not saved or not saved.exists():
             raise config_lib.ConfigError(
                 f"--resume: no previous run of {name} found"
                 + (f" in {workdir}" if workdir else " under runs/")
             )
-        with open(saved) as f:
-            data = json.load(f)
+        data = json.loads(saved.read_text())
         if preset is not None and preset != data.get("preset"):
             raise config_lib.ConfigError(
                 f"--resume: run in {workdir} used preset {data.get('preset')!r}, not {preset!r}"
@@ -154,18 +194,43 @@ def prepare_run(
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         workdir = out or os.path.join("runs", name, stamp)
     try:
-        os.makedirs(workdir, exist_ok=True)
+        as_path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise config_lib.ConfigError(
             f"--out {workdir}: cannot create the run directory ({err.strerror or err})"
         ) from err
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({"name": name, "preset": preset, "config": config_lib.to_dict(cfg)}, f, indent=1)
+    if process_index() == 0:
+        saved = {"name": name, "preset": preset, "config": config_lib.to_dict(cfg)}
+        _write_whole(os.path.join(workdir, "config.json"), json.dumps(saved, indent=1))
     return exp, cfg, workdir
 
 
+def _write_whole(path: str, text: str) -> None:
+    """Writes ``path`` so that no reader (another host resuming) sees half of it: a remote
+    object write replaces the object at once; a local file is written beside and renamed."""
+    from jaxeff.train.metrics import as_path, is_remote
+
+    if is_remote(path):
+        as_path(path).write_text(text)
+        return
+    tmp = as_path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _check_out_dir(out: str) -> None:
-    """``--out`` must be a directory or a path that can become one (no file at or above it)."""
+    """``--out`` must be a directory or a path that can become one (no file at or above it);
+    a URI must be of remote storage that etils.epath handles (its existence is not checked)."""
+    from jaxeff.train.metrics import REMOTE_SCHEMES, uri_scheme
+
+    scheme = uri_scheme(out)
+    if scheme is not None:
+        if scheme not in REMOTE_SCHEMES:
+            allowed = ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+            raise config_lib.ConfigError(
+                f"--out {out}: unsupported scheme {scheme}://; use a local path or {allowed}"
+            )
+        return
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise config_lib.ConfigError(f"--out {out}: is a file, not a directory")
@@ -177,8 +242,13 @@ def _check_out_dir(out: str) -> None:
 
 
 def run_experiment(exp: Experiment, cfg, workdir: str, resume: bool = False) -> dict:
-    """Runs it and writes ``summary.json``; returns the summary."""
+    """Runs it and writes ``summary.json`` (local or remote ``workdir``; process 0 only in a
+    multi-process job); returns the summary on every process."""
+    from jaxeff.train.metrics import as_path
+
     summary = exp.run(cfg, workdir=workdir, resume=resume)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        f.write(json.dumps(summary) + "\n")
+    if process_index() == 0:
+        as_path(os.path.join(os.fspath(workdir), "summary.json")).write_text(
+            json.dumps(summary) + "\n"
+        )
     return summary

@@ -17,9 +17,27 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, **kwargs
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+def save_figure(fig, path, **savefig_kwargs) -> None:
+    """``fig.savefig(path, ...)`` for a local path or a URI of remote storage (``gs://...``):
+    the figure is rendered into memory (format from the file extension, as ``savefig`` picks
+    it) and written through ``etils.epath``, so a remote run directory never becomes a local
+    ``gs:/...`` folder."""
+    import io
+    import os
+
+    from jaxeff.train.metrics import as_path
+
+    path = as_path(path)
+    if "format" not in savefig_kwargs:
+        savefig_kwargs["format"] = os.path.splitext(path.name)[1][1:].lower() or None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, **savefig_kwargs)
+    path.write_bytes(buffer.getvalue())
+
+
 def plot_val_curves(
     curves: dict[str, list[tuple[int, float]]],
-    path: str,
+    path,
     title: str,
     ylabel: str = "validation cross-entropy (nats/token)",
     *,
@@ -28,7 +46,8 @@ def plot_val_curves(
 ) -> None:
     """One line per run of ``(step, value)`` points, saved as a PNG at ``path``; ``styles``
     overrides a curve's matplotlib format (default ``"o-"``), ``references`` adds labelled
-    dashed horizontal lines (e.g. a baseline's loss)."""
+    dashed horizontal lines (e.g. a baseline's loss). ``path``: a str or ``epath.Path``, local
+    or remote (see `save_figure`)."""
     fig, ax = subplots(figsize=(6, 4))
     for name, pts in curves.items():
         if pts:
@@ -41,4 +60,4 @@ def plot_val_curves(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)

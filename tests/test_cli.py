@@ -9,12 +9,18 @@ import pytest
 
 from jaxeff import config as config_lib
 from jaxeff.experiment import prepare_run
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 
 def _jaxeff(*args, cwd=None):
     code = "import sys; from jaxeff.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        env=cpu_child_env(),
     )
 
 
@@ -23,7 +29,13 @@ def test_list_shows_every_experiment_without_importing_jax():
         "import sys; from jaxeff.cli import main; main(['list']);"
         "print('JAX_IMPORTED' if 'jax' in sys.modules else 'NO_JAX')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cpu_child_env(),
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == "NO_JAX"

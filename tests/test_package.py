@@ -12,9 +12,11 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import jaxeff
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRONTS = ("jaxeff", "jaxeff.data", "jaxeff.llm", "jaxeff.nn", "jaxeff.optim")
@@ -59,7 +61,12 @@ def test_import_does_not_import_jax():
         "assert not heavy, heavy\n"
     )
     run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=cpu_child_env(),
     )
     assert run.returncode == 0, run.stderr[-2000:]
 
@@ -157,3 +164,72 @@ def test_experiments_and_notebooks_import_only_public_names():
                 if hits:
                     private.setdefault(os.path.relpath(path, ROOT), []).extend(hits)
     assert not private, private
+
+
+def _project() -> dict:
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _imported_top_level_modules() -> set[str]:
+    found = set()
+    for folder in ("jaxeff", "kernels", "experiments"):
+        for path in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True):
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    found |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_core_dependency_is_imported_by_the_package():
+    from importlib import metadata
+
+    provides: dict[str, set[str]] = {}  # distribution -> its top-level modules
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            provides.setdefault(dist.lower().replace("_", "-"), set()).add(module)
+    imported = _imported_top_level_modules()
+    unused = [
+        name
+        for name in map(_requirement_name, _project()["dependencies"])
+        if name in provides and not provides[name] & imported
+    ]
+    assert not unused, f"core dependencies nothing in jaxeff imports: {unused}"
+
+
+def test_optional_packages_are_extras_and_accelerators_stay_out_of_all():
+    project = _project()
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    assert not core & {"faiss-cpu", "sacrebleu", "einops"}, core
+    assert extras["retrieval"] == ["faiss-cpu>=1.8"]
+    assert extras["translation"] == ["sacrebleu>=2.4"]
+    assert extras["cuda"] == ["jax[cuda12]>=0.10.2"] and extras["tpu"] == ["jax[tpu]>=0.10.2"]
+    (everything,) = extras["all"]
+    in_all = set(re.fullmatch(r"jaxeff\[(.*)\]", everything).group(1).split(","))
+    assert in_all == set(extras) - {"all", "cuda", "tpu"}
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
+    from jaxeff.data.infogrowth import InfoGrowth
+    from jaxeff.experiments import inference
+    from jaxeff.infer.knnmt import Datastore
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    with pytest.raises(ValueError, match=r"needs faiss: pip install 'jaxeff\[retrieval\]'$"):
+        InfoGrowth((4, 4))
+    with pytest.raises(ValueError, match=r"needs faiss: pip install 'jaxeff\[retrieval\]'$"):
+        Datastore(np.ones((3, 2)), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"needs sacrebleu: pip install 'jaxeff\[translation\]'$"):
+        inference._corpus_scores(["a"], ["a"])

@@ -9,6 +9,8 @@ import zipfile
 
 import pytest
 
+from jaxeff.parallel.multiprocess import cpu_child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,6 +50,7 @@ def test_wheel_contains_the_mapped_packages_and_imports_from_them(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=cpu_child_env(),
     )
     if build.returncode != 0:
         pytest.fail(build.stderr[-2000:])
@@ -72,13 +75,14 @@ def test_wheel_contains_the_mapped_packages_and_imports_from_them(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=cpu_child_env(),
     )
     assert install.returncode == 0, install.stderr[-2000:]
     code = (
         "import jaxeff.experiments.lm as m, jaxeff.kernels as k;"
         "print(m.__file__); print(k.__file__); print(sorted(m.EXPERIMENTS))"
     )
-    env = dict(os.environ, PYTHONPATH=str(target))
+    env = cpu_child_env(PYTHONPATH=str(target))
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -73,7 +73,10 @@ class InfoGrowth:
     """
 
     def __init__(self, dims: Sequence[int], k: int = 4, threshold: float = 0.0):
-        import faiss
+        try:
+            import faiss
+        except ImportError:
+            raise ValueError("InfoGrowth needs faiss: pip install 'jaxeff[retrieval]'") from None
 
         if isinstance(dims, int) or not dims:
             raise ValueError(f"dims must be a sequence of per-modality sizes, got {dims!r}")

@@ -118,6 +118,8 @@ def make_loader(
     shard_index: int = 0,
     shard_count: int = 1,
     drop_remainder: bool = True,
+    worker_count: int = 0,
+    worker_buffer_size: int = 1,
 ) -> grain.DataLoader:
     """A grain ``DataLoader`` yielding batches ``{"tokens": int32 [batch_size, L]}``.
 
@@ -131,9 +133,16 @@ def make_loader(
       shard_count: the number of shards (e.g. ``jax.process_count()``); shards are disjoint and
         equally long (the ``len(source) % shard_count`` leftover records are never read).
       drop_remainder: drop the last, smaller batch of a finite stream.
+      worker_count: grain worker processes reading and batching records (0: in this
+        process). Each worker batches its own slice of the shuffled records (worker ``w`` of
+        ``W`` reads records ``w, w + W, ...`` of the shard), so the batches depend on
+        ``worker_count``: a data state restores only into a loader with the same count.
+      worker_buffer_size: batches each worker prepares ahead.
 
     Returns:
-      The loader; ``iter(loader)`` gives a checkpointable iterator (see ``iterator_state``).
+      The loader; ``iter(loader)`` gives a checkpointable iterator (see ``iterator_state``);
+      with workers the batch values are grain's shared-memory arrays (``np.asarray`` them,
+      as `jaxeff.data.prefetch.DevicePrefetch` does).
     """
     import grain
 
@@ -142,6 +151,10 @@ def make_loader(
     _check_int("seed", seed, 0, 2**32)
     if num_epochs is not None:
         _check_int("num_epochs", num_epochs, 1)
+    _check_int("worker_count", worker_count, 0)
+    _check_int("worker_buffer_size", worker_buffer_size, 1)
+    if worker_count:
+        _absl_flags_parsed()
     per_shard = len(source) // shard_count
     _check_int("batch_size", batch_size, 1)
     if batch_size > per_shard:
@@ -161,9 +174,19 @@ def make_loader(
         data_source=source,
         sampler=sampler,
         operations=[grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
-        worker_count=0,
+        worker_count=worker_count,
+        worker_buffer_size=worker_buffer_size,
         shard_options=shard_options,
     )
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags (``--grain_*``), which raise until parsed;
+    outside an ``absl.app`` program, take their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def iterator_state(it: grain.DataLoaderIterator) -> dict:

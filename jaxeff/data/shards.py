@@ -51,6 +51,8 @@ class ShardedLoader:
       num_shards: ``S``, a multiple of ``process_count``.
       process_index, process_count: this process and the job size (``jax.process_index()``,
         ``jax.process_count()``).
+      worker_count, worker_buffer_size: grain workers of each shard's loader (see
+        `jaxeff.data.packing.make_loader`; ``local shards x worker_count`` processes).
 
     ``iter(loader)`` yields ``{"tokens": [B * local_shards / S, L]}`` numpy batches; the iterator
     has grain's ``get_state() -> bytes`` / ``set_state(bytes)`` so that
@@ -65,6 +67,8 @@ class ShardedLoader:
         num_shards: int,
         process_index: int = 0,
         process_count: int = 1,
+        worker_count: int = 0,
+        worker_buffer_size: int = 1,
     ):
         _check_layout(num_shards, batch_size, process_index, process_count)
         per_process = num_shards // process_count
@@ -74,7 +78,13 @@ class ShardedLoader:
         self.num_shards = num_shards
         self.loaders = {
             k: make_loader(
-                source, batch_size // num_shards, seed, shard_index=k, shard_count=num_shards
+                source,
+                batch_size // num_shards,
+                seed,
+                shard_index=k,
+                shard_count=num_shards,
+                worker_count=worker_count,
+                worker_buffer_size=worker_buffer_size,
             )
             for k in self.shard_ids
         }
@@ -98,11 +108,18 @@ class ShardedIterator:
         return {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
 
     def local_state(self) -> dict:
+        """This process's shards' positions (no collective)."""
         return {str(k): iterator_state(it) for k, it in self._its.items()}
+
+    def state_of(self, local: dict) -> bytes:
+        """The state (as `get_state`) of local positions taken earlier with `local_state`:
+        a collective, called by every process with the positions of the same step (so a
+        prefetcher can record positions per batch and gather only when it checkpoints)."""
+        return json.dumps({"shards": _gather_dicts(local)}).encode("utf-8")
 
     def get_state(self) -> bytes:
         """Every shard's position as JSON bytes, gathered from all processes (collective)."""
-        return json.dumps({"shards": _gather_dicts(self.local_state())}).encode("utf-8")
+        return self.state_of(self.local_state())
 
     def set_state(self, state: bytes) -> None:
         shards = json.loads(state.decode("utf-8")).get("shards", {})

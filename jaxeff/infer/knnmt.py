@@ -141,7 +141,12 @@ class Datastore:
     """Decoder states -> target tokens in an exact faiss ``IndexFlatL2``."""
 
     def __init__(self, keys: np.ndarray, values: np.ndarray):
-        import faiss
+        try:
+            import faiss
+        except ImportError:
+            raise ValueError(
+                "the kNN-MT Datastore needs faiss: pip install 'jaxeff[retrieval]'"
+            ) from None
 
         keys = np.ascontiguousarray(keys, np.float32)
         if keys.ndim != 2 or len(keys) != len(values) or len(keys) == 0:

@@ -258,13 +258,56 @@ class ModConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# TransformerConfig.remat: what the backward pass keeps of each layer group (see its docstring)
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "offload_dots",
+)
 # implementations of jaxeff.nn.attention.dot_product_attention
 ATTENTION_IMPLEMENTATIONS = ("xla", "xla_chunked", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Shape and options of a Llama-style decoder."""
+    """Shape and options of a Llama-style decoder.
+
+    Precision and memory (the fields a large run sets from the CLI, ``--set model.dtype=...``):
+
+    - ``dtype``: the compute dtype of activations and matmuls (one of ``DTYPES``). Whatever it
+      is, RMSNorm, RoPE and the attention softmax run in float32 and the logits are float32
+      (the head's matmul accumulates in float32, ``preferred_element_type``), so the
+      cross-entropy ``log sum_v exp(z_v) - z_y`` is never taken in bfloat16.
+    - ``param_dtype``: the dtype every parameter is created and stored in (one of ``DTYPES``;
+      embeddings, linears, norms, MoE experts and router, MoD router and predictor); each is
+      cast to the compute dtype where it is used. ``dtype="bfloat16"`` with float32 parameters
+      is the usual mixed precision (the optimizer updates float32 weights); both bfloat16
+      halves parameter and optimizer memory (optax states follow the parameters' dtype), at
+      the cost of updates below a weight's bfloat16 resolution being lost.
+    - ``remat``: what the backward pass keeps of each layer group (the body of the layer scan,
+      `jax.checkpoint` with a policy); the rest is recomputed from the group's input:
+
+      ``False`` / ``"none"``: everything (no recomputation, most memory);
+      ``True`` / ``"full"`` / ``"nothing_saveable"``: only the group inputs (recompute the
+      whole forward of the layer, about a third more FLOPs);
+      ``"dots_saveable"``: every matmul output (recompute the elementwise work only);
+      ``"dots_with_no_batch_dims_saveable"``: the outputs of the 2-D projections (q, k, v, o
+      and the SwiGLU matmuls, which `jaxeff.nn.transformer.Linear` runs as 2-D dots), not
+      the batched attention score / value products (whose size grows as ``S^2``) nor the
+      batched per-expert einsums of MoE layers;
+      ``"offload_dots"``: as the previous, but the saved outputs go to pinned host memory
+      (``jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")``)
+      and come back for the backward pass: device memory near ``"full"`` at the compute of
+      ``"dots_with_no_batch_dims_saveable"``, paid in host transfers. It lowers for CUDA
+      (``tests/nn/test_precision.py`` exports it from a CPU host; not yet measured on a
+      device); on CPU host and device memory are one, so it runs and saves like the previous.
+
+      Booleans stay accepted (older configs and run JSON); `remat_policy` gives the
+      canonical name.
+    """
 
     vocab_size: int = 4096
     dim: int = 512
@@ -278,8 +321,10 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: bool = False  # recompute block activations in the backward pass
+    dtype: str = "float32"  # compute dtype of activations (see the class docstring)
+    param_dtype: str = "float32"  # dtype parameters are created and stored in
+    # what the backward keeps per layer group: False/True or a name of REMAT_POLICIES
+    remat: bool | str = False
     scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled loop)
     init_std: float = 0.02
     moe: MoEConfig | None = None  # Mixture-of-Experts FFN every moe.every layers
@@ -338,6 +383,15 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}"
             )
+        if self.param_dtype not in DTYPES:
+            raise ValueError(
+                f"TransformerConfig.param_dtype={self.param_dtype!r}; allowed: {', '.join(DTYPES)}"
+            )
+        if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"TransformerConfig.remat={self.remat!r}; allowed: false, true, "
+                + ", ".join(REMAT_POLICIES)
+            )
         if self.moe is not None and self.n_layers % self.moe.every:
             raise ValueError(
                 f"TransformerConfig.n_layers={self.n_layers} must divide by moe.every="
@@ -379,6 +433,21 @@ class TransformerConfig:
         import jax.numpy as jnp
 
         return getattr(jnp, self.dtype)
+
+    @property
+    def param_jnp_dtype(self):
+        """``param_dtype`` as a jnp dtype (imports jax)."""
+        import jax.numpy as jnp
+
+        return getattr(jnp, self.param_dtype)
+
+    @property
+    def remat_policy(self) -> str:
+        """``remat`` by its canonical name: ``"none"``, ``"full"`` (True, ``nothing_saveable``),
+        ``"dots_saveable"``, ``"dots_with_no_batch_dims_saveable"`` or ``"offload_dots"``."""
+        if isinstance(self.remat, bool):
+            return "full" if self.remat else "none"
+        return "full" if self.remat == "nothing_saveable" else self.remat
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count, embeddings included (the tied head counted once); ``active``

@@ -303,29 +303,41 @@ class Router(nnx.Module):
     (`jaxeff.nn.transformer.ModBlock`), the video-LLM (`jaxeff.nn.videollm`) and the standalone
     `RoutedBlock` all route through it.
 
-    A scalar logit per token ``r_i = w . x_i + b`` (``kernel [dim, 1]``, ``bias [1]``, float32)
+    A scalar logit per token ``r_i = w . x_i + b`` (``kernel [dim, 1]``, ``bias [1]``, stored in
+    ``param_dtype``, computed in float32)
     and, with ``predictor_hidden > 0``, MoD's stop-gradient MLP ``predictor`` for causal
     decoding of top-k layers. `route` turns logits into a `Route` by the rule of a `ModConfig`
     (top-k, threshold-p or per-frame top-r) and returns the auxiliary losses (top-k training)
     and the routing decisions.
     """
 
-    def __init__(self, dim: int, *, predictor_hidden: int = 0, std: float = 0.02, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        predictor_hidden: int = 0,
+        std: float = 0.02,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
         init = nnx.initializers.normal(std)
-        linear = nnx.Linear(dim, 1, kernel_init=init, rngs=rngs)
+        # the predictor computes in float32 from float32 inputs, whatever param_dtype is
+        kw = dict(kernel_init=init, param_dtype=param_dtype, dtype=jnp.float32, rngs=rngs)
+        linear = nnx.Linear(dim, 1, **kw)
         self.kernel, self.bias = linear.kernel, linear.bias
         self.predictor = nnx.data(None)
         if predictor_hidden:
             self.predictor = nnx.Sequential(
-                nnx.Linear(dim, predictor_hidden, kernel_init=init, rngs=rngs),
+                nnx.Linear(dim, predictor_hidden, **kw),
                 jax.nn.silu,
-                nnx.Linear(predictor_hidden, 1, kernel_init=init, rngs=rngs),
+                nnx.Linear(predictor_hidden, 1, **kw),
             )
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Router logits ``r_i`` ``[B, S]`` (float32)."""
         x32 = x.astype(jnp.float32)
-        return (x32 @ self.kernel[...] + self.bias[...])[..., 0]
+        f32 = jnp.float32
+        return (x32 @ self.kernel[...].astype(f32) + self.bias[...].astype(f32))[..., 0]
 
     def predictor_logits(self, x: jax.Array) -> jax.Array:
         """Predictor logits ``[B, S]`` on ``stop_gradient(x)``."""

@@ -219,7 +219,7 @@ def moe_apply(
     if x.ndim != 3:
         raise ValueError(f"MoE input must be [groups, tokens, dim], got shape {x.shape}")
     capacity = cfg.capacity(x.shape[1], train)
-    logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), params["router"])
+    logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), params["router"].astype(jnp.float32))
     routing = route(logits, cfg.top_k, capacity)
     if impl == "einsum":
         y = experts_einsum(params, x, routing, capacity)
@@ -261,7 +261,8 @@ def moe_expert_parallel(
     spec, rep = jax.P(axis), jax.P()
 
     def local(params, x):
-        logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), params["router"])
+        router = params["router"].astype(jnp.float32)
+        logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), router)
         routing = route(logits, cfg.top_k, capacity)
         dispatch, combine = dispatch_combine(routing, capacity)
         inputs = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
@@ -300,7 +301,9 @@ def moe_expert_parallel(
 
 
 class MoELayer(nnx.Module):
-    """The MoE FFN's parameters (``router``, stacked SwiGLU ``gate``/``up``/``down``).
+    """The MoE FFN's parameters (``router``, stacked SwiGLU ``gate``/``up``/``down``), stored
+    in ``param_dtype``; the router's logits are computed in float32 and the experts in the
+    dtype of the input.
 
     Example:
       >>> from flax import nnx
@@ -311,14 +314,23 @@ class MoELayer(nnx.Module):
       ((2, 5, 16), (2, 5, 2), ['load_balance', 'router_z'])
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig, *, std: float, out_std: float, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        cfg: MoEConfig,
+        *,
+        std: float,
+        out_std: float,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
         self.cfg = cfg
-        e, f = cfg.num_experts, cfg.expert_dim
+        e, f, pd = cfg.num_experts, cfg.expert_dim, param_dtype
         init = nnx.initializers.normal
-        self.router = nnx.Param(init(std)(rngs.params(), (dim, e)))
-        self.gate = nnx.Param(init(std)(rngs.params(), (e, dim, f)))
-        self.up = nnx.Param(init(std)(rngs.params(), (e, dim, f)))
-        self.down = nnx.Param(init(out_std)(rngs.params(), (e, f, dim)))
+        self.router = nnx.Param(init(std)(rngs.params(), (dim, e), pd))
+        self.gate = nnx.Param(init(std)(rngs.params(), (e, dim, f), pd))
+        self.up = nnx.Param(init(std)(rngs.params(), (e, dim, f), pd))
+        self.down = nnx.Param(init(out_std)(rngs.params(), (e, f, dim), pd))
 
     def params(self) -> dict:
         return {n: getattr(self, n)[...] for n in ("router", *EXPERT_PARAMS)}

@@ -34,6 +34,11 @@ with ``jax.lax.scan``: the compiled program holds one block whatever the depth, 
 compile time flat on small machines and deep models. `Transformer.unstacked` gives a copy with
 per-layer modules for one-token decode steps.
 
+Precision and memory (`TransformerConfig`): parameters are created in ``param_dtype`` and cast
+to the compute ``dtype`` where they are used; RMSNorm, RoPE, the attention softmax, routers
+and the logits stay float32. ``remat`` names the `jax.checkpoint` policy of the scan body
+(`remat_layer_fn`): what the backward pass keeps of each layer group and what it recomputes.
+
 References:
   Touvron et al., LLaMA: Open and Efficient Foundation Language Models, 2023.
   https://arxiv.org/abs/2302.13971
@@ -148,16 +153,17 @@ def _sow(module: nnx.Module, values: Mapping) -> None:
 
 
 class RMSNorm(nnx.Module):
-    """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32."""
+    """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32 whatever the dtypes of ``x``
+    and ``scale`` (``param_dtype``); the result has the dtype of ``x``."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, *, param_dtype=jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...]).astype(x.dtype)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -166,10 +172,15 @@ class Linear(nnx.Module):
     The leading dimensions are flattened into one before the matmul: XLA:CPU lowers the weight
     gradient of a 3-D ``dot_general`` through a transposed copy at about half the matmul rate,
     while the 2-D form runs at full rate (measured in lm-bench's set-up: 80 vs 144 GFLOP/s).
+
+    ``W`` is stored in ``param_dtype`` and cast to the dtype of ``x`` (the compute dtype).
     """
 
-    def __init__(self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out)))
+    def __init__(
+        self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs, param_dtype=jnp.float32
+    ):
+        init = nnx.initializers.normal(std)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
 
     def __call__(self, x):
         kernel = self.kernel[...]
@@ -178,8 +189,8 @@ class Linear(nnx.Module):
         return y.reshape(*lead, kernel.shape[-1])
 
 
-def _linear(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> Linear:
-    return Linear(d_in, d_out, std=std, rngs=rngs)
+def _linear(d_in: int, d_out: int, std: float, rngs: nnx.Rngs, param_dtype) -> Linear:
+    return Linear(d_in, d_out, std=std, rngs=rngs, param_dtype=param_dtype)
 
 
 def _dropout(x, rate: float, key):
@@ -231,12 +242,12 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        h, std = cfg.head_dim, cfg.init_std
+        h, std, pd = cfg.head_dim, cfg.init_std, cfg.param_jnp_dtype
         out_std = std / (2 * cfg.n_layers) ** 0.5
-        self.q = _linear(cfg.dim, cfg.n_heads * h, std, rngs)
-        self.k = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs)
-        self.v = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs)
-        self.o = _linear(cfg.n_heads * h, cfg.dim, out_std, rngs)
+        self.q = _linear(cfg.dim, cfg.n_heads * h, std, rngs, pd)
+        self.k = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs, pd)
+        self.v = _linear(cfg.dim, cfg.n_kv_heads * h, std, rngs, pd)
+        self.o = _linear(cfg.n_heads * h, cfg.dim, out_std, rngs, pd)
 
     def project(self, x, cos, sin):
         """``q [B, T, N, d]``, ``k, v [B, T, K, d]`` of ``x [B, T, dim]``, RoPE applied."""
@@ -281,10 +292,10 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        std = cfg.init_std
-        self.gate = _linear(cfg.dim, cfg.ffn_dim, std, rngs)
-        self.up = _linear(cfg.dim, cfg.ffn_dim, std, rngs)
-        self.down = _linear(cfg.ffn_dim, cfg.dim, std / (2 * cfg.n_layers) ** 0.5, rngs)
+        std, pd = cfg.init_std, cfg.param_jnp_dtype
+        self.gate = _linear(cfg.dim, cfg.ffn_dim, std, rngs, pd)
+        self.up = _linear(cfg.dim, cfg.ffn_dim, std, rngs, pd)
+        self.down = _linear(cfg.ffn_dim, cfg.dim, std / (2 * cfg.n_layers) ** 0.5, rngs, pd)
 
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -299,9 +310,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_jnp_dtype)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_jnp_dtype)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, inputs: LayerInputs, dropout_key=None, cache=None, layer=None):
@@ -324,13 +335,20 @@ class MoEBlock(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_jnp_dtype)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_jnp_dtype)
         if cfg.moe.residual:
             self.mlp = MLP(cfg, rngs=rngs)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.moe = MoELayer(cfg.dim, cfg.moe, std=cfg.init_std, out_std=out_std, rngs=rngs)
+        self.moe = MoELayer(
+            cfg.dim,
+            cfg.moe,
+            std=cfg.init_std,
+            out_std=out_std,
+            rngs=rngs,
+            param_dtype=cfg.param_jnp_dtype,
+        )
 
     def __call__(self, x, inputs: LayerInputs, dropout_key=None, *, train: bool = False):
         keys = _split_key(dropout_key)
@@ -376,7 +394,11 @@ class ModBlock(Block):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.router = mod_lib.Router(
-            cfg.dim, predictor_hidden=cfg.mod.predictor_hidden, std=cfg.init_std, rngs=rngs
+            cfg.dim,
+            predictor_hidden=cfg.mod.predictor_hidden,
+            std=cfg.init_std,
+            rngs=rngs,
+            param_dtype=cfg.param_jnp_dtype,
         )
 
     def layer(self, x, inputs: LayerInputs, dropout_key=None):
@@ -499,6 +521,7 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(
             cfg.vocab_size,
             cfg.dim,
+            param_dtype=cfg.param_jnp_dtype,
             embedding_init=nnx.initializers.normal(cfg.init_std),
             rngs=rngs,
         )
@@ -517,9 +540,9 @@ class Transformer(nnx.Module):
         self.mod_blocks = stacked(ModBlock, cfg.n_mod_layers) if cfg.mod is not None else None
         # per-layer modules in model order (`unstacked`); None: the stacked blocks above
         self.layer_list = nnx.data(None)
-        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_jnp_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg.init_std, rngs)
+            self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg.init_std, rngs, cfg.param_jnp_dtype)
 
     # -- the forward ------------------------------------------------------------------------
 
@@ -691,8 +714,8 @@ class Transformer(nnx.Module):
             h, cache, inter = run(h, cache, dense_blocks, special_block, keys, g)
             return (h, cache), inter
 
-        if cfg.remat and cache is None:
-            body = jax.checkpoint(body, prevent_cse=False)
+        if cache is None:
+            body = remat_layer_fn(body, cfg.remat_policy)
         xs = (dense, special_p, layer_keys, jnp.arange(groups))
         if cfg.scan_layers:
             (x, cache), inter = jax.lax.scan(body, (x, cache), xs)
@@ -787,12 +810,46 @@ class Transformer(nnx.Module):
         return copy
 
     def logits_from_hidden(self, x):
-        """Vocabulary logits (float32) from hidden states."""
+        """Vocabulary logits ``z = h W`` (float32) from hidden states ``h [..., dim]``.
+
+        ``W`` is the transposed embedding table (tied) or ``lm_head``, cast to the dtype of
+        ``h``; the matmul accumulates and returns float32 (``preferred_element_type``), so
+        with a bfloat16 compute dtype the logits are not rounded to bfloat16 before the
+        softmax. Any leading shape (the chunked loss passes ``[B, chunk, dim]``)."""
         if self.cfg.tie_embeddings:
-            table = self.embed.embedding[...]
-            flat = x.reshape(-1, x.shape[-1]) @ table.T.astype(x.dtype)  # 2-D: see `Linear`
-            return flat.reshape(*x.shape[:-1], table.shape[0]).astype(jnp.float32)
-        return self.lm_head(x).astype(jnp.float32)
+            w = self.embed.embedding[...].T  # [dim, V]
+        elif type(self.lm_head) is Linear:
+            w = self.lm_head.kernel[...]
+        else:  # a wrapped head (an adapter): its own forward
+            return self.lm_head(x).astype(jnp.float32)
+        flat = jnp.matmul(  # 2-D: see `Linear`
+            x.reshape(-1, x.shape[-1]), w.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        return flat.reshape(*x.shape[:-1], w.shape[-1]).astype(jnp.float32)
+
+
+def remat_policy_fn(policy: str):
+    """The `jax.checkpoint` policy of a `TransformerConfig.remat_policy` name (None: save
+    nothing but the inputs, ``"full"``); ``"none"`` has no policy (no checkpoint at all)."""
+    cp = jax.checkpoint_policies
+    policies = {
+        "full": None,
+        "dots_saveable": cp.dots_saveable,
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        "offload_dots": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }
+    if policy not in policies:
+        raise ValueError(f"remat policy {policy!r}; allowed: none, {', '.join(policies)}")
+    return policies[policy]
+
+
+def remat_layer_fn(fn, policy: str):
+    """``fn`` (the layer scan's body) under `jax.checkpoint` with the policy named ``policy``
+    (`remat_policy_fn`), or ``fn`` itself for ``"none"``. The backward pass of a checkpointed
+    body keeps what the policy saves and recomputes the rest from the body's inputs."""
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, prevent_cse=False, policy=remat_policy_fn(policy))
 
 
 def _captured(module, *args, **kwargs):

@@ -334,8 +334,10 @@ def launch(
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
-    env.pop("XLA_FLAGS", None)  # one device per process
+    from jaxeff.parallel.multiprocess import cpu_child_env
+
+    # one CPU device per process: N local clients on one accelerator would each preallocate it
+    env = cpu_child_env(FLWR_TELEMETRY_ENABLED="0", XLA_FLAGS=None)
     common = ["--spec", spec_path, "--address", address, "--workdir", workdir]
     procs = []
 

@@ -24,6 +24,7 @@ __all__ = [
     "batch_shardings",
     "global_from_replicated",
     "host_local_to_global",
+    "hybrid_device_order",
     "logical_to_spec",
     "make_mesh",
     "mesh_from_config",
@@ -50,8 +51,22 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
+def _auto(n: int) -> tuple:
+    # Auto axes: XLA propagates shardings from the jit in/out shardings. jax.make_mesh's
+    # default, Explicit, types every array by its sharding and refuses ops it cannot resolve
+    # without collectives, e.g. the FSDP embedding lookup (a table [vocab, embed@fsdp] indexed
+    # by tokens [batch@(data, fsdp)]: ShardingTypeError / DuplicateSpecError).
+    return (jax.sharding.AxisType.Auto,) * n
+
+
+def _slices(devices) -> int:
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None):
-    """A mesh with the named axes of ``shape`` (e.g. ``{"data": 2, "tensor": 4}``)."""
+    """A mesh with the named axes of ``shape`` (e.g. ``{"data": 2, "tensor": 4}``), Auto axis
+    types, over exactly ``devices`` (default: all), in jax's topology-aware order
+    (`jax.make_mesh`: rings on TPU tori, ids on GPU, the given order on CPU)."""
     for name in shape:
         if name not in MESH_AXES:
             raise ValueError(f"mesh axis {name!r} is not allowed; allowed: {', '.join(MESH_AXES)}")
@@ -61,7 +76,70 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         raise ValueError(
             f"mesh shape {dict(shape)} needs {size} devices, but {len(devices)} are available"
         )
-    return jax.sharding.Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
+    if _slices(devices) > 1:
+        raise ValueError(
+            f"the {len(devices)} devices span {_slices(devices)} slices: set mesh.dcn_data "
+            f"and mesh.dcn_fsdp so that dcn_data x dcn_fsdp = {_slices(devices)} (a "
+            "multi-slice mesh needs its DCN axes named)"
+        )
+    return jax.make_mesh(
+        tuple(shape.values()), tuple(shape), axis_types=_auto(len(shape)), devices=devices
+    )
+
+
+def hybrid_device_order(devices: Sequence, ici_shape: Sequence[int], dcn_shape: Sequence[int]):
+    """Devices arranged for a mesh of shape ``ici_shape * dcn_shape`` (elementwise) whose
+    ``dcn_shape`` part crosses slices (or processes) and ``ici_shape`` part stays inside one.
+
+    The granules are TPU slices when the devices carry more than one ``slice_index``, else
+    processes (``process_index``: the nodes of a GPU cluster); there must be
+    ``prod(dcn_shape)`` of them, each of ``prod(ici_shape)`` devices. Granule ``g`` (sorted by
+    index, laid out row-major over ``dcn_shape``) holds the block of the mesh at
+    ``[g_0 * ici_0 : (g_0 + 1) * ici_0, ...]``, ordered inside by `jax.make_mesh`'s rules:
+    along each axis, the DCN index is the major part of the mesh index. Works on any objects
+    with ``id``, ``platform``, ``device_kind`` and ``process_index`` (e.g. fakes in tests).
+
+    Returns:
+      An object array of the devices, of shape ``ici_shape * dcn_shape``.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(devices)
+    if len(ici_shape) != len(dcn_shape):
+        raise ValueError(f"ici_shape {tuple(ici_shape)} and dcn_shape {tuple(dcn_shape)} differ")
+    granules = math.prod(dcn_shape)
+    slices = _slices(devices)
+    processes = len({d.process_index for d in devices})
+    if slices > 1 and slices == granules:
+        by_process = False
+    elif processes == granules:
+        by_process = True
+    else:
+        raise ValueError(
+            f"mesh.dcn_data x mesh.dcn_fsdp = {granules} must equal the number of slices "
+            f"({slices}) or of processes ({processes}) that the {len(devices)} devices span"
+        )
+    key = "process_index" if by_process else "slice_index"
+    counts: dict[int, int] = {}
+    for d in devices:
+        counts[getattr(d, key)] = counts.get(getattr(d, key), 0) + 1
+    want = math.prod(ici_shape)
+    uneven = {k: n for k, n in sorted(counts.items()) if n != want}
+    if uneven:
+        unit = "process" if by_process else "slice"
+        raise ValueError(
+            f"each {unit} must hold {want} devices (the per-slice mesh "
+            f"{tuple(ici_shape)}), but {unit} devices are {dict(sorted(counts.items()))}"
+        )
+    # as jax.make_mesh: v5e slices are 2-D tori whose axes may be split across mesh axes
+    allow_split = devices[0].device_kind in ("TPU v5 lite", "TPU v5e")
+    return mesh_utils.create_hybrid_device_mesh(
+        tuple(ici_shape),
+        tuple(dcn_shape),
+        devices,
+        process_is_granule=by_process,
+        allow_split_physical_axes=allow_split,
+    )
 
 
 def logical_to_spec(
@@ -134,14 +212,23 @@ def shardings_like_params(tree, params, param_shardings, mesh):
 
 
 def mesh_from_config(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None):
-    """The mesh of ``cfg`` over ``devices`` (default: every device of every process).
+    """The mesh of ``cfg`` over ``devices`` (default: every device of every process), with
+    every axis of ``MESH_AXES`` (size-1 axes are kept, so specs may name any axis) and Auto
+    axis types.
 
-    Size-1 axes are kept, so specs may name any axis. Device order is ``jax.devices()``, which
-    lists each process's devices together: the leading (``data``) axis spans processes and the
-    trailing ones (``tensor``) stay inside a host, where the links are fastest.
+    Without DCN factors the devices are ordered by `jax.make_mesh` (topology-aware on TPU and
+    GPU; on CPU ``jax.devices()`` order, which lists each process's devices together, so the
+    leading ``data`` axis spans processes and ``tensor`` stays inside a host). With
+    ``cfg.dcn_data`` or ``cfg.dcn_fsdp`` > 1 the axes ``data`` and ``fsdp`` are split into a
+    DCN part (across slices / processes, major) and an ICI part (inside one): see
+    `hybrid_device_order`.
     """
     devices = list(devices) if devices is not None else jax.devices()
-    return make_mesh(cfg.shape(len(devices)), devices)
+    if cfg.num_slices == 1:
+        return make_mesh(cfg.shape(len(devices)), devices)
+    ici = cfg.ici_shape(len(devices))
+    grid = hybrid_device_order(devices, tuple(ici.values()), tuple(cfg.dcn_shape().values()))
+    return jax.sharding.Mesh(grid, tuple(ici), axis_types=_auto(len(ici)))
 
 
 def batch_shardings(batch, mesh, rules: Mapping = DEFAULT_RULES):

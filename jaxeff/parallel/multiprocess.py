@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 ENV_COORDINATOR = "JAXEFF_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXEFF_NUM_PROCESSES"
@@ -52,6 +52,25 @@ def simulated_devices_xla_flags(n: int) -> str:
     """``XLA_FLAGS`` for ``n`` simulated CPU devices with patient collectives; set it before
     jax is imported."""
     return f"--xla_force_host_platform_device_count={int(n)} {COLLECTIVE_TIMEOUT_FLAGS}"
+
+
+def cpu_child_env(base: Mapping[str, str] | None = None, **extra: str | None) -> dict[str, str]:
+    """The environment of a child process that must run jax on the CPU: ``base`` (default: this
+    process's ``os.environ``) updated with ``extra`` (a ``None`` value removes that variable),
+    then ``JAX_PLATFORMS=cpu``.
+
+    A child that simulates CPU devices (``--xla_force_host_platform_device_count``) or joins gloo
+    CPU collectives must not pick the host's default backend: on a GPU or TPU host an unset or
+    inherited ``JAX_PLATFORMS`` would put it on the accelerator (or fail to start it).
+    """
+    env = dict(os.environ if base is None else base)
+    for name, value in extra.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
 
 
 def free_port() -> int:
@@ -124,17 +143,19 @@ def launch_local(
     """Run ``argv`` as ``num_processes`` processes of one JAX job on localhost and wait for all.
 
     Each process gets the ``JAXEFF_*`` variables (a fresh coordinator port, its id, the device
-    count) for :func:`initialize_from_env`. If one process fails or the timeout passes, the
-    others are killed (a distributed job cannot finish without every member; a killed process
-    has a negative return code). Returns each process's exit code and output, in process order.
+    count) for :func:`initialize_from_env`, and ``JAX_PLATFORMS=cpu`` (:func:`cpu_child_env`):
+    the devices are simulated CPU devices on any host. If one process fails or the timeout
+    passes, the others are killed (a distributed job cannot finish without every member; a
+    killed process has a negative return code). Returns each process's exit code and output, in
+    process order.
     """
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(
             f"num_processes = {num_processes} and devices_per_process = {devices_per_process} "
             "must both be >= 1"
         )
-    base = dict(os.environ if env is None else env)
-    base.pop("XLA_FLAGS", None)  # the device count is set per process by initialize_from_env
+    # the device count is set per process by initialize_from_env
+    base = cpu_child_env(env, XLA_FLAGS=None)
     base[ENV_COORDINATOR] = f"localhost:{free_port()}"
     base[ENV_NUM_PROCESSES] = str(num_processes)
     base[ENV_LOCAL_DEVICES] = str(devices_per_process)
@@ -204,9 +225,10 @@ def call_on_simulated_devices(fn, cfg, devices: int, *args):
     its JSON-serialisable result.
 
     XLA reads the device count once, when jax starts, so an experiment that needs 8 devices in
-    a process that has fewer runs there. ``fn`` must be a module-level function, ``cfg`` a
-    `jaxeff.config` dataclass (it travels as JSON through `jaxeff.config.to_dict`/`from_dict`)
-    and ``args`` JSON values. The child's stderr (progress bars, logs) passes through.
+    a process that has fewer runs there, on the CPU also on a GPU host (``JAX_PLATFORMS=cpu``,
+    :func:`cpu_child_env`). ``fn`` must be a module-level function, ``cfg`` a `jaxeff.config`
+    dataclass (it travels as JSON through `jaxeff.config.to_dict`/`from_dict`) and ``args``
+    JSON values. The child's stderr (progress bars, logs) passes through.
     """
     from jaxeff import config as config_lib
 
@@ -218,7 +240,7 @@ def call_on_simulated_devices(fn, cfg, devices: int, *args):
         json.dumps(config_lib.to_dict(cfg)),
         json.dumps(list(args)),
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = cpu_child_env(PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     out = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
     if out.returncode != 0 or not lines:

@@ -7,6 +7,9 @@ and renames it when complete, so a run killed mid-save leaves the previous check
 Both policies are explicit: save every ``every`` steps (and when forced), keep the newest
 ``keep``. `Checkpointer.restore_intact` resumes from the newest checkpoint that reads back,
 moving damaged newer ones aside (to ``<directory>.damaged/``) with one warning line each.
+
+``directory`` may be local or a URI of remote storage (``gs://bucket/run/checkpoints``): orbax
+gets it as an ``etils.epath.Path``, and only a local path is made absolute.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxeff.train.metrics import is_remote
 
 
 class CheckpointError(ValueError):
@@ -29,16 +35,21 @@ class Checkpointer:
     """Saves and restores ``(state, data, meta)`` under ``directory``.
 
     Args:
-      directory: where step folders go (created if missing).
+      directory: where step folders go (created if missing): a str or ``epath.Path``, local
+        or remote (``gs://...``).
       every: save-decision policy, a save every ``every`` steps.
       keep: preservation policy, keep the newest ``keep`` checkpoints.
       async_save: write in a background thread (``wait()`` before reading it back).
+
+    Attributes:
+      directory: ``directory`` as a str: absolute when local, the URI unchanged when remote.
     """
 
-    def __init__(self, directory: str, every: int = 100, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory, every: int = 100, keep: int = 3, async_save: bool = True):
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint every={every} and keep={keep} must both be >= 1")
-        self.directory = os.path.abspath(directory)
+        directory = os.fspath(directory)
+        self.directory = directory if is_remote(directory) else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policies.FixedIntervalPolicy(every),
             preservation_policy=policies.LatestN(keep),
@@ -46,7 +57,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "meta"), options=options
+            epath.Path(self.directory), item_names=("state", "data", "meta"), options=options
         )
 
     def latest_step(self) -> int | None:
@@ -118,14 +129,9 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> str:
         """Moves step folder ``step`` to ``<directory>.damaged/<step>`` (process 0 only)."""
-        import jax
-
         target = os.path.join(self.directory + ".damaged", str(step))
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            _move_tree(epath.Path(self.directory) / str(step), epath.Path(target))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -171,6 +177,29 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Moves folder ``source`` to ``target`` (replacing it): a rename on local disk; on an
+    object store, where folders exist only through the objects in them and a rename is a copy
+    anyway, a copy of each file and then the removal of ``source``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmtree()
+    if not is_remote(source):
+        shutil.move(os.fspath(source), os.fspath(target))
+        return
+    _copy_tree(source, target)
+    source.rmtree()
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for child in source.iterdir():
+        if child.is_dir():
+            _copy_tree(child, target / child.name)
+        else:
+            child.copy(target / child.name, overwrite=True)
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -23,7 +23,6 @@ stays instant.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from jaxeff.nn.config import TransformerConfig
@@ -125,6 +124,13 @@ class TrainConfig:
     # the global batch is read as this many grain shards (0: one per process); runs with the
     # same value see the same batches whatever the number of processes
     data_shards: int = 0
+    # grain worker processes per host (0: in the training process) and batches placed on the
+    # devices ahead of their step
+    data_workers: int = 0
+    prefetch: int = 2
+    # > 0: the vocabulary projection and cross-entropy run this many positions at a time
+    # (`causal_lm_loss(chunk=...)`), so the [B, S, V] float32 logits never exist whole
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for name in (
@@ -138,7 +144,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
-        for name in ("eval_every", "data_shards"):
+        for name in ("eval_every", "data_shards", "data_workers", "prefetch", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be >= 0")
 
@@ -153,8 +159,26 @@ class TrainConfig:
             "checkpoint_every": self.checkpoint_every,
             "keep_checkpoints": self.keep_checkpoints,
             "progress": self.progress,
+            "prefetch": self.prefetch,
         }
         return LoopConfig(**{**fields, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A ``jax.profiler`` trace of the run's steps ``[first, last]`` (1-based, inclusive; one
+    value: that step; empty: no trace) into ``<run>/profile`` (TensorBoard's profile plugin or
+    Perfetto read it): ``--set profile.steps=[10,12]``."""
+
+    steps: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        s = tuple(self.steps)
+        if s and (len(s) > 2 or min(s) < 1 or s[0] > s[-1]):
+            raise ValueError(
+                f"profile.steps={list(s)}; allowed: [first, last] with 1 <= first <= last, "
+                "[step], or [] (no trace)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +193,7 @@ class LMConfig:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+    profile: ProfileConfig = ProfileConfig()
 
     @classmethod
     def smoke(cls, steps: int = 12) -> LMConfig:
@@ -262,17 +287,26 @@ def val_batches(data, batch_size: int, max_batches: int):
 
 def train_loader(source, cfg_train: TrainConfig, seed: int):
     """The grain loader of this process: its ``data_shards / processes`` shards of the global
-    batch (`jaxeff.data.shards`); one shard is the plain loader."""
+    batch (`jaxeff.data.shards`); one shard is the plain loader. ``data_workers`` grain worker
+    processes read ahead (a run resumes with the worker count it was saved with: grain
+    batches per worker)."""
     import jax
 
     from jaxeff.data.packing import make_loader
     from jaxeff.data.shards import ShardedLoader
 
     shards = cfg_train.data_shards or jax.process_count()
+    workers = cfg_train.data_workers
     if shards == 1:
-        return make_loader(source, cfg_train.batch_size, seed=seed)
+        return make_loader(source, cfg_train.batch_size, seed=seed, worker_count=workers)
     return ShardedLoader(
-        source, cfg_train.batch_size, seed, shards, jax.process_index(), jax.process_count()
+        source,
+        cfg_train.batch_size,
+        seed,
+        shards,
+        jax.process_index(),
+        jax.process_count(),
+        worker_count=workers,
     )
 
 
@@ -307,12 +341,11 @@ class Placement:
         return None if self.mesh is None else StepShardings(self.state, self.batch)
 
 
-def place(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int):
-    """The train state placed on the mesh of ``mesh_cfg`` and the run's `Placement`.
-
-    A trivial mesh in a single process places nothing. Otherwise every process holds the
-    same initial state on the host and places the slices its devices own.
-    """
+def placement(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int) -> Placement:
+    """The `Placement` of a train state on the mesh of ``mesh_cfg``: its mesh and the shardings
+    of every state leaf and of a batch. ``state`` may be abstract (``jax.ShapeDtypeStruct``
+    leaves, from `abstract_train_state`): only shapes are read. A trivial mesh in a single
+    process places nothing."""
     import jax
     import numpy as np
 
@@ -320,7 +353,7 @@ def place(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int
     from jaxeff.train.state import train_state_shardings
 
     if mesh_cfg.is_trivial and jax.process_count() == 1:
-        return state, Placement()
+        return Placement()
     mesh = mesh_lib.mesh_from_config(mesh_cfg)
     pieces = mesh_lib.batch_shard_count(mesh)
     if batch_size % pieces:
@@ -334,9 +367,46 @@ def place(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int
             f"{jax.process_count()}: each process feeds its own rows of the batch"
         )
     shardings = train_state_shardings(state, param_axes, mesh)
-    state = mesh_lib.global_from_replicated(jax.device_get(state), shardings)
     example = {"tokens": np.zeros((batch_size, seq_len + 1), np.int32)}
-    return state, Placement(mesh, shardings, mesh_lib.batch_shardings(example, mesh))
+    return Placement(mesh, shardings, mesh_lib.batch_shardings(example, mesh))
+
+
+def place(mesh_cfg: MeshConfig, state, param_axes, batch_size: int, seq_len: int):
+    """An existing (host-side, whole) train state placed on the mesh of ``mesh_cfg``, and the
+    run's `Placement`: every process holds the whole state and places the slices its devices
+    own. For models that fit one host; `build` with ``on_mesh=True`` creates the state
+    directly sharded instead."""
+    import jax
+
+    from jaxeff.parallel import mesh as mesh_lib
+
+    where = placement(mesh_cfg, state, param_axes, batch_size, seq_len)
+    if where.mesh is None:
+        return state, where
+    return mesh_lib.global_from_replicated(jax.device_get(state), where.state), where
+
+
+def check_mesh_axes(mesh_cfg: MeshConfig, model_cfg: TransformerConfig) -> None:
+    """ValueError for mesh axes the LM recipe would only duplicate work on: ``seq`` (the
+    decoder's activations are not split over the sequence here; sequence parallelism is
+    `jaxeff.parallel.sequence`, experiment ``dsp-train``) and ``expert`` without MoE layers;
+    ``clients`` belongs to the federated experiments."""
+    if mesh_cfg.seq not in (1,):
+        raise ValueError(
+            f"mesh.seq={mesh_cfg.seq}: the lm recipe does not split the sequence, so a seq axis "
+            "would only replicate work; use mesh.data / mesh.fsdp / mesh.tensor (sequence "
+            "parallelism: dsp-train)"
+        )
+    if mesh_cfg.expert not in (1,) and model_cfg.moe is None:
+        raise ValueError(
+            f"mesh.expert={mesh_cfg.expert} needs MoE layers (model.moe); a dense model would "
+            "only replicate work over it; use mesh.data / mesh.fsdp / mesh.tensor"
+        )
+    if mesh_cfg.clients not in (1,):
+        raise ValueError(
+            f"mesh.clients={mesh_cfg.clients} belongs to the federated experiments (photon, "
+            "dept); use mesh.data / mesh.fsdp / mesh.tensor"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,11 +426,58 @@ def init_model(model_cfg: TransformerConfig, seed: int):
     return graphdef, params
 
 
+def abstract_train_state(model_cfg: TransformerConfig, tx, seed: int = 0):
+    """``(graphdef, state)``: the model's graphdef and its `TrainState` as
+    ``jax.ShapeDtypeStruct`` leaves (``nnx.eval_shape`` + ``jax.eval_shape``): shapes and dtypes
+    of parameters and optimizer state, nothing allocated."""
+    import jax
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.state import create_train_state
+
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
+    graphdef, params = nnx.split(model)
+    return graphdef, jax.eval_shape(lambda p: create_train_state(p, tx, seed), params)
+
+
+def init_train_state(model_cfg: TransformerConfig, tx, seed: int, shardings=None):
+    """The initial `TrainState` (parameters from ``seed``, ``tx.init``), made by one
+    ``jax.jit`` whose ``out_shardings`` are ``shardings`` (a `TrainState` of shardings, or None:
+    one device): each device computes only its own slices (MaxText's sharded init), so the
+    whole state never exists on one device or host."""
+    import jax
+    from flax import nnx
+
+    from jaxeff.nn.transformer import Transformer
+    from jaxeff.train.state import create_train_state
+
+    def make():
+        params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))[1]
+        return create_train_state(params, tx, seed)
+
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def with_shardings(abstract, shardings):
+    """``abstract`` (a tree of shape structs) with ``shardings`` attached: the restore target
+    of a checkpoint that orbax reads straight into its shards."""
+    import jax
+
+    if shardings is None:
+        return abstract
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
 @dataclasses.dataclass
 class LMRun:
     """What `build` makes of an `LMConfig`: the data (`jaxeff.data.packing.LMData`), the
-    resolved model config, the model's graphdef, the initial `TrainState`, the optax
-    transformation and the jitted train and eval steps (`jaxeff.train.loop`)."""
+    resolved model config, the model's graphdef, the initial `TrainState` (None when built
+    with ``init=False``), the optax transformation, the jitted train and eval steps
+    (`jaxeff.train.loop`), the `Placement` and the abstract state (shape structs with the
+    placement's shardings: the restore target)."""
 
     data: Any
     model_cfg: TransformerConfig
@@ -369,44 +486,89 @@ class LMRun:
     tx: Any
     train_step: Any
     eval_step: Any
+    placement: Placement = dataclasses.field(default_factory=Placement)
+    abstract_state: Any = None
+    seed: int = 0
+
+    def init_state(self):
+        """The initial state on the placement (`init_train_state`)."""
+        return init_train_state(self.model_cfg, self.tx, self.seed, self.placement.state)
 
 
-def build(cfg: LMConfig, data=None) -> LMRun:
-    """The data, model, initial train state and step functions of a run (unsharded; `place_run`
-    puts them on ``cfg.mesh``). ``data``: already built `LMData` of ``cfg.data``."""
-    from flax import nnx
+def loss_fn(cfg: LMConfig):
+    """The recipe's loss: `causal_lm_loss`, ``train.loss_chunk`` positions of the vocabulary
+    projection at a time when set (the full ``[B, S, V]`` logits never materialized)."""
+    import functools
 
-    from jaxeff.nn.transformer import Transformer
-    from jaxeff.train.loop import make_eval_step, make_train_step
     from jaxeff.train.losses import causal_lm_loss
-    from jaxeff.train.state import create_train_state
+
+    chunk = cfg.train.loss_chunk
+    return functools.partial(causal_lm_loss, chunk=chunk) if chunk else causal_lm_loss
+
+
+def build(cfg: LMConfig, data=None, *, on_mesh: bool = False, init: bool = True) -> LMRun:
+    """The data, model, initial train state and step functions of a run. ``data``: already
+    built `LMData` of ``cfg.data``. ``on_mesh``: the state is created directly sharded on
+    ``cfg.mesh`` (`init_train_state`) and the steps compiled for it; otherwise one device.
+    ``init=False`` leaves ``state`` None (a run that restores a checkpoint into
+    ``abstract_state`` never builds the initial one)."""
+    from jaxeff.nn.transformer import param_logical_axes
+    from jaxeff.train.loop import make_eval_step, make_train_step
 
     data = build_data(cfg.data, cfg.seed) if data is None else data
     model_cfg = cfg.model_for(data.vocab_size)
-    graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=cfg.seed)))
     tx = cfg.optim.build(cfg.train.steps)
-    state = create_train_state(params, tx, cfg.seed)
-    train_step = make_train_step(graphdef, tx, causal_lm_loss)
-    eval_step = make_eval_step(graphdef, causal_lm_loss)
-    return LMRun(data, model_cfg, graphdef, state, tx, train_step, eval_step)
+    graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
+    where = Placement()
+    if on_mesh:
+        check_mesh_axes(cfg.mesh, model_cfg)
+        axes = param_logical_axes(abstract.params)
+        where = placement(cfg.mesh, abstract, axes, cfg.train.batch_size, cfg.data.seq_len)
+    state = init_train_state(model_cfg, tx, cfg.seed, where.state) if init else None
+    shardings = where.step_shardings
+    loss = loss_fn(cfg)
+    train_step = make_train_step(graphdef, tx, loss, shardings=shardings)
+    eval_step = make_eval_step(graphdef, loss, shardings=shardings)
+    abstract = with_shardings(abstract, where.state)
+    return LMRun(
+        data, model_cfg, graphdef, state, tx, train_step, eval_step, where, abstract, cfg.seed
+    )
 
 
 def place_run(run: LMRun, cfg: LMConfig) -> tuple[LMRun, Placement]:
-    """``run`` with its state on ``cfg.mesh`` and steps compiled for it, and the `Placement`
-    (``run`` itself on one device)."""
+    """``run`` (built on one device) with its state moved onto ``cfg.mesh`` and steps compiled
+    for it, and the `Placement`. The state passes through the host whole: prefer
+    ``build(cfg, on_mesh=True)``, which creates it sharded."""
     from jaxeff.nn.transformer import param_logical_axes
     from jaxeff.train.loop import make_eval_step, make_train_step
-    from jaxeff.train.losses import causal_lm_loss
 
     t = cfg.train
+    check_mesh_axes(cfg.mesh, run.model_cfg)
     axes = param_logical_axes(run.state.params)
     state, where = place(cfg.mesh, run.state, axes, t.batch_size, cfg.data.seq_len)
     if where.mesh is None:
         return run, where
     shardings = where.step_shardings
-    train_step = make_train_step(run.graphdef, run.tx, causal_lm_loss, shardings=shardings)
-    eval_step = make_eval_step(run.graphdef, causal_lm_loss, shardings=shardings)
-    return dataclasses.replace(run, state=state, train_step=train_step, eval_step=eval_step), where
+    loss = loss_fn(cfg)
+    train_step = make_train_step(run.graphdef, run.tx, loss, shardings=shardings)
+    eval_step = make_eval_step(run.graphdef, loss, shardings=shardings)
+    abstract = with_shardings(jax_shapes(run.state), where.state)
+    replaced = dataclasses.replace(
+        run,
+        state=state,
+        train_step=train_step,
+        eval_step=eval_step,
+        placement=where,
+        abstract_state=abstract,
+    )
+    return replaced, where
+
+
+def jax_shapes(tree):
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` (no sharding)."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 @dataclasses.dataclass
@@ -420,19 +582,19 @@ class TrainedLM:
 
 
 def fit_lm(cfg: LMConfig, workdir: str, resume: bool = False) -> TrainedLM:
-    """Builds the run of ``cfg``, places it on ``cfg.mesh`` and trains it with
+    """Builds the run of ``cfg`` directly sharded on ``cfg.mesh`` and trains it with
     `jaxeff.train.loop.fit` under ``workdir`` (metrics, checkpoints with the config in their
-    metadata, ``tokenizer.json``), evaluating on `val_batches`."""
+    metadata, ``tokenizer.json``), evaluating on `val_batches`. A resumed run restores its
+    checkpoint straight into the shardings and never builds the initial state."""
     import jax
 
     from jaxeff import config as config_lib
     from jaxeff.train.loop import evaluate, fit
 
-    os.makedirs(workdir, exist_ok=True)
-    run = build(cfg)
+    run = build(cfg, on_mesh=True, init=False)
     t = cfg.train
     check_batch_size(run.data, t.batch_size)
-    run, where = place_run(run, cfg)
+    where = run.placement
     loader = train_loader(run.data.train, t, cfg.seed)
 
     def eval_fn(params):
@@ -441,25 +603,43 @@ def fit_lm(cfg: LMConfig, workdir: str, resume: bool = False) -> TrainedLM:
 
     meta = {"config": config_lib.to_dict(cfg), "vocab_size": run.data.vocab_size}
     if jax.process_index() == 0:
-        run.data.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+        write_text(join(workdir, "tokenizer.json"), run.data.tokenizer.to_str())
     state, records = fit(
-        run.state,
+        run.abstract_state,
         run.train_step,
         loader,
         workdir,
-        t.loop(),
+        t.loop(profile_steps=tuple(cfg.profile.steps)),
         eval_fn=eval_fn,
         resume=resume,
         meta=meta,
         to_device=where.train_batch if where.mesh is not None else None,
+        init_state=run.init_state,
     )
-    return TrainedLM(run, state, records, where)
+    return TrainedLM(dataclasses.replace(run, state=state), state, records, where)
+
+
+def join(root, *parts) -> str:
+    """``root/parts`` for a local path or a URI (``gs://...``): never made absolute."""
+    from etils import epath
+
+    return str(epath.Path(root).joinpath(*parts))
+
+
+def write_text(path, text: str) -> None:
+    """Writes ``text`` to a local path or URI (through ``etils.epath``)."""
+    from etils import epath
+
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def load_run(workdir: str, step: int | None = None):
     """``(model, tokenizer)``: the trained model of a `fit_lm` run directory (the newest
     checkpoint, or ``step``) and its tokenizer."""
     import jax
+    from etils import epath
     from flax import nnx
     from tokenizers import Tokenizer
 
@@ -468,11 +648,11 @@ def load_run(workdir: str, step: int | None = None):
     from jaxeff.train.checkpoint import Checkpointer
     from jaxeff.train.state import create_train_state
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(join(workdir, "checkpoints"))
     try:
         meta = ckpt.restore_meta(step)
         cfg = config_lib.from_dict(LMConfig, meta["config"])
-        tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.json"))
+        tokenizer = Tokenizer.from_str(epath.Path(join(workdir, "tokenizer.json")).read_text())
         model_cfg = cfg.model_for(meta["vocab_size"])
         abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(abstract)
@@ -482,3 +662,31 @@ def load_run(workdir: str, step: int | None = None):
     finally:
         ckpt.close()
     return nnx.merge(graphdef, jax.device_get(state.params)), tokenizer
+
+
+def lowerable_step(cfg: LMConfig):
+    """``(train_step, (abstract_state, abstract_batch))`` of ``cfg`` on the devices of this
+    process (``cfg.mesh``), for ``jaxeff lower``: shape structs with their shardings, from
+    `abstract_train_state`; no data is built and nothing is materialized. The vocabulary is
+    the requested ``data.vocab_size`` (a trained tokenizer may come out a little smaller)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxeff.nn.transformer import param_logical_axes
+    from jaxeff.train.loop import make_train_step
+
+    t = cfg.train
+    model_cfg = cfg.model_for(cfg.data.vocab_size)
+    check_mesh_axes(cfg.mesh, model_cfg)
+    tx = cfg.optim.build(t.steps)
+    graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
+    axes = param_logical_axes(abstract.params)
+    where = placement(cfg.mesh, abstract, axes, t.batch_size, cfg.data.seq_len)
+    step = make_train_step(graphdef, tx, loss_fn(cfg), shardings=where.step_shardings)
+    tokens_sharding = None if where.mesh is None else where.batch["tokens"]
+    batch = {
+        "tokens": jax.ShapeDtypeStruct(
+            (t.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=tokens_sharding
+        )
+    }
+    return step, (with_shardings(abstract, where.state), batch)

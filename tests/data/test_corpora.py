@@ -9,6 +9,7 @@ import sysconfig
 import pytest
 
 from jaxeff.data import corpora
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 
 @pytest.mark.parametrize("corpus", corpora.CORPORA)
@@ -112,7 +113,7 @@ def test_documents_and_split_are_deterministic_across_processes():
         for d in corpora.load_documents(corpus, silos=silos, max_bytes=60_000):
             h.update(repr((d.id, d.silo, d.text)).encode())
     _, val = corpora.split_documents(corpora.load_documents("prose"), 0.3, seed=4)
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    env = cpu_child_env(PYTHONHASHSEED="12345")
     out = subprocess.run(
         [sys.executable, "-c", _DIGEST_SCRIPT], env=env, capture_output=True, text=True, check=True
     )

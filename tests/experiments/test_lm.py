@@ -13,6 +13,7 @@ import pytest
 
 from jaxeff import config as config_lib
 from jaxeff.experiments import lm
+from jaxeff.parallel.multiprocess import cpu_child_env
 from jaxeff.train import recipe
 from jaxeff.train.metrics import read_metrics
 
@@ -98,6 +99,7 @@ def _cli(args, cwd):
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=cpu_child_env(),
     )
 
 
@@ -255,3 +257,44 @@ def test_cpu_model_is_the_lm_decoder():
     m = lm.get_config("cpu").model
     got = (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.dropout)
     assert got == (512, 4, 8, 8, 1408, 0.0) and m.tie_embeddings and not m.remat
+
+
+def test_sigterm_saves_the_step_it_finished_and_resume_continues_exactly(smoke_run, tmp_path):
+    ref_dir, ref_summary = smoke_run
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    workdir = str(tmp_path / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    victim = _cli(["run", "lm", "--preset", "smoke", *sets, "--out", "run"], cwd=tmp_path)
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if any(r["step"] >= 13 for r in read_metrics(metrics)):
+            victim.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.002)
+    out, err = victim.communicate(timeout=120)
+    assert victim.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "preempted (SIGTERM) at step" in err
+    stopped = int(err.split("preempted (SIGTERM) at step ")[1].split(":")[0])
+    assert 13 <= stopped < 60 and not out.strip()  # no summary: the run did not finish
+    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert saved[-1] == stopped  # the step it finished, whatever checkpoint_every says
+    resumed = _cli(["run", "lm", "--out", "run", "--resume"], cwd=tmp_path)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "warning" not in err
+    assert _lines(workdir) == _lines(ref_dir)  # the uninterrupted run's records, line for line
+    assert json.loads(out.strip().splitlines()[-1])["val_ppl"] == ref_summary["val_ppl"]
+
+
+def test_bfloat16_compute_trains_and_profile_steps_write_a_trace(tmp_path):
+    cfg = config_lib.apply_overrides(
+        SMOKE,
+        ["model.dtype=bfloat16", "train.steps=6", "train.eval_every=0", "profile.steps=[2,3]"],
+    )
+    summary = lm.run(cfg, workdir=str(tmp_path))
+    losses = _train_losses(str(tmp_path))
+    assert np.isfinite(summary["val_ppl"]) and losses[-1][1] < losses[0][1]
+    traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+    assert any(f.endswith((".xplane.pb", ".trace.json.gz")) for f in traces), traces
+    with pytest.raises(ValueError, match="profile.steps"):
+        config_lib.apply_overrides(SMOKE, ["profile.steps=[3,2]"])

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from jaxeff.parallel.multiprocess import cpu_child_env
+
 SCRIPT = textwrap.dedent(
     """
     import os
@@ -68,7 +70,7 @@ def test_kernels_under_shard_map_equal_one_device():
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+        env=cpu_child_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     err, sharded = proc.stdout.split("RESULT")[-1].split()

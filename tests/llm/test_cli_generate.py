@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from jaxeff.parallel.multiprocess import cpu_child_env
+
 
 @pytest.mark.interop
 def test_jaxeff_generate_matches_hf_greedy_and_names_paris(
@@ -19,6 +21,7 @@ def test_jaxeff_generate_matches_hf_greedy_and_names_paris(
         capture_output=True,
         text=True,
         timeout=600,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     ours = out.stdout.rstrip("\n")
@@ -38,6 +41,7 @@ def test_generate_with_a_missing_model_file_is_one_line_exit_2(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=cpu_child_env(),
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

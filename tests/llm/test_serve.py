@@ -13,6 +13,7 @@ import pytest
 
 from jaxeff.llm.backends import BackendError, OpenAIBackend, ScriptedBackend
 from jaxeff.llm.serve import make_server
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 CONV = [{"role": "user", "content": "Name a colour."}]
 
@@ -94,6 +95,7 @@ def test_cli_serve_help_and_bad_port():
         [sys.executable, "-m", "jaxeff.cli", "serve", "--port", "x"],
         capture_output=True,
         text=True,
+        env=cpu_child_env(),
     )
     assert out.returncode == 2 and "must be an integer in 0-65535, got 'x'" in out.stderr
     assert out.stderr.count("\n") == 1

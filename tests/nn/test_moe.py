@@ -19,6 +19,7 @@ from jaxeff.nn.transformer import (
     forward_with_intermediates,
     param_logical_axes,
 )
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 CFG = moe.MoEConfig(num_experts=4, top_k=2, expert_dim=8, min_capacity=1)
 
@@ -316,7 +317,11 @@ EP_SCRIPT = textwrap.dedent(
 
 def test_expert_parallel_on_8_devices_equals_one_device():
     out = subprocess.run(
-        [sys.executable, "-c", EP_SCRIPT], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", EP_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "EP_OK" in out.stdout

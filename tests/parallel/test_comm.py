@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from jaxeff.parallel.comm import collective_bytes
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 HLO = """\
 HloModule m, entry_computation_layout={(f32[1,8,2]{2,1,0})->f32[1,8,2]{2,1,0}}
@@ -79,7 +80,11 @@ SCRIPT = textwrap.dedent(
 
 def test_ulysses_moves_four_times_the_bytes_of_dsp_on_8_devices():
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout

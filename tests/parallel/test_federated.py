@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from jaxeff.parallel import federated as fed
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -125,7 +126,11 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def mesh_run():
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())

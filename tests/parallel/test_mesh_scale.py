@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from jaxeff.parallel.mesh_config import MeshConfig
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -70,7 +71,11 @@ SCRIPT = textwrap.dedent(
 
 def test_eight_device_meshes_match_one_device_and_fsdp_divides_bytes():
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("DEVICES 8") == 3 and "FSDP_BYTES" in out.stdout

@@ -88,6 +88,22 @@ def test_two_processes_match_one_and_resume(reference, tmp_path):
     assert np.isclose(summary["val_ppl"], ref_summary["val_ppl"], rtol=1e-5)
     steps = sorted(int(s) for s in os.listdir(os.path.join(out, "checkpoints")) if s.isdigit())
     assert steps == [3, 6]  # one checkpoint per step for the whole job, rewritten on resume
+    # process 0 alone logs, writes metrics and TensorBoard and prints the summary (one per run)
+    summaries = [[ln for ln in r.stdout.splitlines() if ln.startswith("{")] for r in results]
+    assert len(summaries[0]) == 2 and summaries[1] == []
+    assert json.loads(summaries[0][-1]) == summary
+    assert "jaxeff: running lm" in results[0].stderr
+    assert "jaxeff: running lm" not in results[1].stderr
+    assert sorted(os.listdir(out)) == [
+        "checkpoints",
+        "config.json",
+        "first.jsonl",
+        "loss.png",
+        "metrics.jsonl",
+        "summary.json",
+        "tensorboard",
+        "tokenizer.json",
+    ]
 
 
 def test_shards_split_the_global_batch_between_processes():

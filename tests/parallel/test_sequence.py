@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxeff.parallel import sequence as sq
+from jaxeff.parallel.multiprocess import cpu_child_env
 
 # One subprocess for every equality check: XLA_FLAGS must be set before jax is imported, and
 # one interpreter start + shared compilation keeps the CI cost down.
@@ -90,7 +91,11 @@ SCRIPT = textwrap.dedent(
 
 def test_methods_match_one_device_forward_and_gradients_on_8_devices():
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     for method in sq.METHODS:

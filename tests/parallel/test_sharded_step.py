@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+from jaxeff.parallel.multiprocess import cpu_child_env
+
 SCRIPT = textwrap.dedent(
     """
     import os
@@ -58,7 +60,11 @@ SCRIPT = textwrap.dedent(
 
 def test_train_step_on_a_data_tensor_mesh_matches_one_device():
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cpu_child_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SPEC (None, None, 'tensor') DEVICES 4" in out.stdout
