@@ -109,6 +109,9 @@ class Checkpointer:
         and CheckpointError names the newest one's problem."""
         steps = sorted(self.all_steps(), reverse=True)
         errors: list[tuple[int, CheckpointError]] = []
+        # before the first attempt: a failing restore can leave its late callbacks behind
+        # while the error is still propagating (see `_quiet_closed_loop_callbacks`)
+        _quiet_closed_loop_callbacks()
         for step in steps:
             try:
                 restored = self.restore(abstract_state, step)
