@@ -7,7 +7,7 @@ batch 1 and batch 8 (left padding), after one warm-up call; each side is timed o
 torch.
 
     jaxeff run generate-bench          # JSON: jaxeff_tok_s, hf_tok_s ({"b1", "b8"}),
-                                       #       ratio_b1, ratio_b8, same_greedy_b1
+                                       #       ratio_b1, ratio_b8, same_greedy_b1, engine
     jaxeff run generate-bench --preset gpu   # ~1 min on one H100/H200: random SmolLM2-135M, bf16
     jaxeff run generate-bench --preset tpu   # the same on one TPU chip
 
@@ -17,6 +17,10 @@ decodes ``new_tokens`` = 256 tokens after prompts of ``prompt_len`` = 2048 rando
 KV cache holds 2304 slots) at batch 1 and 8, with no stop id; ``hf_tok_s`` is None and the
 ratios are left out. Four compiles (prefill and decode per batch) take most of the minute.
 `lowerable_step` lowers its decode step without the hardware.
+
+jaxeff decodes with ``Generator(loop=cfg.loop)``: ``"device"`` (default; the decode loop is one
+compiled ``lax.while_loop``, one host sync per request) or ``"host"`` (one compiled step per
+token from Python); ``engine`` in the JSON names it.
 
 Goal: ratios >= 2. A decode step streams every float32 weight once per token, so batch 1 is
 bound by memory bandwidth; jaxeff's step is one compiled program with the KV cache donated
@@ -56,6 +60,7 @@ class GenerateBenchConfig:
     hf: bool = True  # time Hugging Face on the same GGUF too
     dtype: str = "float32"  # compute dtype of the jaxeff model (parameters stay float32)
     seed: int = 0
+    loop: str = "device"  # Generator's decode loop: "device" (lax.while_loop) or "host"
 
 
 def get_config(preset: str) -> GenerateBenchConfig:
@@ -82,6 +87,8 @@ def _check(cfg: GenerateBenchConfig) -> None:
 
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}; allowed: {', '.join(DTYPES)}")
+    if cfg.loop not in ("device", "host"):
+        raise ValueError(f"loop={cfg.loop!r}; allowed: device, host")
     if cfg.random_init and cfg.hf:
         raise ValueError("random_init=True needs hf=False (HF loads the GGUF's weights)")
     if cfg.random_init and cfg.prompt_len < 1:
@@ -165,7 +172,7 @@ def run(cfg: GenerateBenchConfig, workdir: str | None = None, resume: bool = Fal
 
         path = cfg.model_path or smollm2_path()
         model, tokenizer, _ = load_gguf(path, dtype=cfg.dtype)
-    gen = Generator(model, bucket=cfg.bucket)
+    gen = Generator(model, bucket=cfg.bucket, loop=cfg.loop)
     if cfg.hf:
         import torch
 
@@ -221,6 +228,7 @@ def run(cfg: GenerateBenchConfig, workdir: str | None = None, resume: bool = Fal
             f"HF {out['hf_tok_s'][f'b{b}']:.1f} tok/s, ratio {ratio:.2f}\n"
         )
     out["new_tokens"] = cfg.new_tokens
+    out["engine"] = {"generator": "jaxeff.infer.generate.Generator", "loop": cfg.loop}
     out["dtype"] = cfg.dtype
     out["random_init"] = cfg.random_init
     if cfg.random_init:

@@ -9,11 +9,19 @@ decode step donates its cache so that XLA updates it in place.
 
 Sampling: greedy (temperature 0), temperature, and nucleus (top-p; Holtzman et al., The
 Curious Case of Neural Text Degeneration, 2020, https://arxiv.org/abs/1904.09751).
+
+Two decode loops (``Generator(..., loop=)``), token for token the same:
+
+  - ``"device"`` (default): the decode steps run as one compiled ``lax.while_loop`` with the
+    stop test on the device (a stop id ends its row; the loop exits when every row stopped or
+    ``max_new_tokens`` ids were produced). The host syncs once per request, or once per
+    ``chunk`` tokens when ``chunk`` is set or an ``on_tokens`` callback streams them.
+  - ``"host"``: one compiled call per token driven from Python, syncing every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,18 +77,38 @@ class Generator:
         present, gives the per-layer copy that decodes).
       bucket: prompt and new-token lengths are rounded up to multiples of this.
       max_len: the longest prompt + generation allowed (default: the model's max_seq_len).
+      loop: ``"device"`` (the decode loop is one compiled ``lax.while_loop``; default) or
+        ``"host"`` (one compiled step per token from Python).
+      chunk: with ``loop="device"``, the while loop returns to the host every ``chunk`` tokens
+        (None: once per request; `generate`'s ``on_tokens`` uses `STREAM_CHUNK` then).
 
     Example:
       >>> from jaxeff.nn.transformer import Transformer, TransformerConfig
-      >>> cfg = TransformerConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, ffn_dim=32)
+      >>> cfg = TransformerConfig(
+      ...     vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32
+      ... )
       >>> gen = Generator(Transformer(cfg, rngs=nnx.Rngs(0)), bucket=8)
       >>> [len(ids) for ids in gen.generate([[1, 2, 3], [4]], max_new_tokens=5)]
       [5, 5]
     """
 
-    def __init__(self, model, *, bucket: int = 64, max_len: int | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        bucket: int = 64,
+        max_len: int | None = None,
+        loop: str = "device",
+        chunk: int | None = None,
+    ):
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
+        if loop not in ("device", "host"):
+            raise ValueError(f"loop must be 'device' or 'host', got {loop!r}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.loop = loop
+        self.chunk = chunk
         # per-layer weights: slicing stacked ones inside the decode loop costs as much as the
         # matmuls of a one-token step
         decoder = model.unstacked() if hasattr(model, "unstacked") else model
@@ -91,14 +119,53 @@ class Generator:
         self.bucket = bucket
         self.max_len = max_len or getattr(model.cfg, "max_seq_len", None)
         self._init_cache = model.init_cache
-        self._prefill = jax.jit(self._step, donate_argnums=(1,), static_argnames=("mode",))
-        self._decode = jax.jit(self._step, donate_argnums=(1,), static_argnames=("mode",))
+        # compiled once per bucket, the cache donated. Host loop: one step each. Device loop:
+        # prefill + recording the first id, and a lax.while_loop over decode steps.
+        prefill, decode = (self._step, self._step) if loop == "host" else (self._start, self._loop)
+        self._prefill = jax.jit(prefill, donate_argnums=(1,), static_argnames=("mode",))
+        self._decode = jax.jit(decode, donate_argnums=(1,), static_argnames=("mode",))
         self.last_cache_bytes = 0
+        self.last_host_syncs = 0  # host syncs of the last device-loop request
 
     def _step(self, weights, cache, tokens, positions, key, temperature, top_p, mode):
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._weights_def, weights))
         logits, cache = model(tokens, positions, cache=cache)
         return sample_logits(logits[:, -1], key, temperature, top_p, mode), cache
+
+    @staticmethod
+    def _record(nxt, step, stop, done, out):
+        """Write ids ``nxt [R]`` to column ``step`` of ``out [R, N]`` (-1 for rows already
+        done or hitting a stop id, which ends them)."""
+        hit = jnp.any(nxt[:, None] == stop[None, :], axis=-1)
+        done = done | hit
+        col = jnp.where(done, -1, nxt)
+        out = jax.lax.dynamic_update_slice(out, col[:, None], (jnp.int32(0), step))
+        return done, out
+
+    def _start(self, weights, cache, tokens, positions, key, temp, top_p, stop, done, out, mode):
+        key, sub = jax.random.split(key)
+        nxt, cache = self._step(weights, cache, tokens, positions, sub, temp, top_p, mode)
+        done, out = self._record(nxt, jnp.int32(0), stop, done, out)
+        return cache, nxt, key, done, out
+
+    def _loop(
+        self, weights, cache, nxt, key, done, out, step, limit, lengths, temp, top_p, stop, mode
+    ):
+        """Decode steps ``step .. limit-1`` (each feeds the previous id) while a row runs."""
+
+        def cond(carry):
+            _, _, _, done, _, s = carry
+            return (s < limit) & ~jnp.all(done)
+
+        def body(carry):
+            cache, nxt, key, done, out, s = carry
+            key, sub = jax.random.split(key)
+            pos = (lengths + s - 1)[:, None]
+            nxt, cache = self._step(weights, cache, nxt[:, None], pos, sub, temp, top_p, mode)
+            done, out = self._record(nxt, s, stop, done, out)
+            return cache, nxt, key, done, out, s + 1
+
+        return jax.lax.while_loop(cond, body, (cache, nxt, key, done, out, step))
 
     def generate(
         self,
@@ -110,9 +177,16 @@ class Generator:
         stop_ids: Sequence[int] = (),
         seed: int = 0,
         pad_id: int = 0,
+        on_tokens: Callable[[list[list[int]]], None] | None = None,
+        chunk: int | None = None,
     ) -> list[list[int]]:
         """New ids for each prompt (up to ``max_new_tokens``; a stop id ends a row and is not
-        included)."""
+        included).
+
+        With the device loop, ``on_tokens(row_tokens)`` (optional) is called at each host sync
+        with the ids each row produced since the previous call (``[]`` for a stopped row), and
+        ``chunk`` (default: the Generator's, or `STREAM_CHUNK` with ``on_tokens``) is the
+        number of tokens between syncs. The host loop calls ``on_tokens`` after every token."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no prompt may be empty")
         if max_new_tokens < 1:
@@ -143,8 +217,14 @@ class Generator:
         self.last_cache_bytes = int(sum(a.nbytes for a in jax.tree.leaves(cache)))
         key = jax.random.PRNGKey(seed)
         temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
-        key, sub = jax.random.split(key)
         mode = sample_mode(temperature, top_p)
+        if self.loop == "device":
+            chunk = chunk or self.chunk or (STREAM_CHUNK if on_tokens else None)
+            return self._generate_device(
+                cache, tokens, positions, lengths, n, max_new_tokens, key, temp, nucleus,
+                stop_ids, mode, on_tokens, chunk,
+            )  # fmt: skip
+        key, sub = jax.random.split(key)
         nxt, cache = self._prefill(
             self._weights,
             cache,
@@ -160,12 +240,16 @@ class Generator:
         done = np.zeros(n, bool)
         for step in range(max_new_tokens):
             ids = np.asarray(nxt)
+            new: list[list[int]] = [[] for _ in range(n)]
             for r in range(n):
                 if not done[r]:
                     if int(ids[r]) in stop:
                         done[r] = True
                     else:
                         out[r].append(int(ids[r]))
+                        new[r].append(int(ids[r]))
+            if on_tokens is not None:
+                on_tokens(new)
             if done.all() or step == max_new_tokens - 1:
                 break
             key, sub = jax.random.split(key)
@@ -181,6 +265,51 @@ class Generator:
                 mode=mode,
             )
         return out
+
+    def _generate_device(
+        self, cache, tokens, positions, lengths, n, max_new, key, temp, nucleus, stop_ids, mode,
+        on_tokens, chunk,
+    ):  # fmt: skip
+        rows = tokens.shape[0]
+        stop_list = sorted(set(int(s) for s in stop_ids))
+        stop = np.full(batch_bucket(max(len(stop_list), 1)), -1, np.int32)  # -1 matches no id
+        stop[: len(stop_list)] = stop_list
+        stop = jnp.asarray(stop)
+        done = jnp.asarray(np.arange(rows) >= n)  # padding rows never keep the loop running
+        out = jnp.full((rows, round_up(max_new, self.bucket)), -1, jnp.int32)
+        cache, nxt, key, done, out = self._prefill(
+            self._weights, cache, jnp.asarray(tokens), jnp.asarray(positions), key, temp,
+            nucleus, stop, done, out, mode=mode,
+        )  # fmt: skip
+        lengths = jnp.asarray(lengths)
+        chunk = chunk or max_new
+        step, seen, syncs = jnp.int32(1), 0, 0
+        while True:
+            limit = jnp.int32(min(seen + chunk, max_new))
+            cache, nxt, key, done, out, step = self._decode(
+                self._weights, cache, nxt, key, done, out, step, limit, lengths, temp, nucleus,
+                stop, mode=mode,
+            )  # fmt: skip
+            ids, reached, finished = jax.device_get((out, step, done))  # the one sync
+            syncs += 1
+            reached = int(reached)
+            if on_tokens is not None:
+                on_tokens([_valid(ids[r, seen:reached]) for r in range(n)])
+            seen = reached
+            if finished.all() or seen >= max_new:
+                break
+        self.last_host_syncs = syncs
+        return [_valid(ids[r, :seen]) for r in range(n)]
+
+
+STREAM_CHUNK = 16  # tokens per host sync when streaming without an explicit chunk
+
+
+def _valid(ids) -> list[int]:
+    """The ids of one row up to its first -1 (its stop)."""
+    ids = np.asarray(ids)
+    end = np.flatnonzero(ids < 0)
+    return ids[: end[0] if end.size else ids.size].tolist()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs):

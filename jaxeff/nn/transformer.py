@@ -815,10 +815,20 @@ class Transformer(nnx.Module):
         ``W`` is the transposed embedding table (tied) or ``lm_head``, cast to the dtype of
         ``h``; the matmul accumulates and returns float32 (``preferred_element_type``), so
         with a bfloat16 compute dtype the logits are not rounded to bfloat16 before the
-        softmax. Any leading shape (the chunked loss passes ``[B, chunk, dim]``)."""
+        softmax. Any leading shape (the chunked loss passes ``[B, chunk, dim]``).
+
+        The tied head contracts dim 1 of the ``[V, dim]`` table directly (``dot_general``),
+        so no transposed ``[dim, V]`` copy of the table is materialised per call."""
         if self.cfg.tie_embeddings:
-            w = self.embed.embedding[...].T  # [dim, V]
-        elif type(self.lm_head) is Linear:
+            table = self.embed.embedding[...]  # [V, dim]
+            flat = jax.lax.dot_general(
+                x.reshape(-1, x.shape[-1]),
+                table.astype(x.dtype),
+                (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+            return flat.reshape(*x.shape[:-1], table.shape[0]).astype(jnp.float32)
+        if type(self.lm_head) is Linear:
             w = self.lm_head.kernel[...]
         else:  # a wrapped head (an adapter): its own forward
             return self.lm_head(x).astype(jnp.float32)

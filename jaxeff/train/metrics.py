@@ -145,6 +145,7 @@ class MetricsWriter:
                 register_epath_tensorboard(uri_scheme(workdir))
             purge = None if resume_step is None else int(resume_step) + 1
             self._tb = SummaryWriter(logdir, purge_step=purge)
+            _write_events_synchronously(self._tb)
 
     @property
     def records(self) -> list[dict]:
@@ -249,3 +250,24 @@ def register_epath_tensorboard(scheme: str) -> None:
 
     if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathRecordWriterFactory):
         record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
+
+
+def _write_events_synchronously(writer) -> None:
+    """Makes ``writer.flush()`` cover every event added so far.
+
+    tensorboardX hands events to a background thread through a queue, and its ``flush`` does
+    not wait for that queue: an event added just before a checkpoint can still be queued when
+    the process is killed, and a run resumed from that checkpoint never writes it again (its
+    ``purge_step`` is past it). So the thread is stopped once it has written what is queued
+    (the purge marker) and events are written directly from then on; ``flush`` and ``close``
+    work as before. A tensorboardX without these internals keeps its own behaviour.
+    """
+    try:
+        events = writer._get_file_writer().event_writer
+        worker, direct = events._worker, events._ev_writer
+    except AttributeError:
+        return
+    if worker is None or not hasattr(direct, "write_event"):
+        return
+    worker.stop()  # drains the queue in order, then ends
+    events.add_event = direct.write_event

@@ -210,3 +210,28 @@ def test_checkpointer_keeps_a_uri_and_moves_remote_folders_through_epath(
     moved = root / "bucket" / "run" / "checkpoints.damaged" / "3"
     assert (moved / "state" / "a.bin").read_bytes() == b"abc" and (moved / "meta").exists()
     assert not (root / "bucket" / "run" / "checkpoints" / "3").exists()
+
+
+def test_flush_puts_every_tensorboard_event_on_disk_before_a_checkpoint(tmp_path):
+    """What a checkpoint relies on: after `flush`, a kill loses no record written before it."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    from jaxeff.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path))
+    for step in range(1, 301):
+        writer.write(step, "train", {"loss": float(step)})
+    writer.flush()
+    steps = []
+    for name in os.listdir(tmp_path / "tensorboard"):
+        data = (tmp_path / "tensorboard" / name).read_bytes()  # as on disk, writer still open
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            steps += [event.step for _ in event.summary.value]
+    writer.close()
+    assert steps == list(range(1, 301))
