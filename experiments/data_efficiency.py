@@ -55,6 +55,7 @@ import sys
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import TransformerConfig
+from jaxeff.plots import save_figure
 from jaxeff.train.recipe import DataConfig
 
 
@@ -553,7 +554,7 @@ def _plot_infobatch(by_dataset: dict, path: str) -> None:
     axes[1].axhline(0.3, color="gray", ls="--", lw=0.8)
     axes[1].set_title("savings vs full data")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +811,7 @@ def _plot_infogrowth(plot_data, by_dataset, budgets, path: str) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 EXPERIMENTS = {

@@ -72,6 +72,7 @@ import os
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import TransformerConfig
+from jaxeff.plots import save_figure
 from jaxeff.train.recipe import OptimConfig
 
 # the decoder of every run (vocab_size and max_seq_len come from the data)
@@ -477,7 +478,7 @@ def plot_ppl(curves: dict, path: str, xlabel: str, title: str, logx: bool = Fals
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def run_photon(cfg: PhotonConfig, workdir: str | None = None, resume: bool = False) -> dict:

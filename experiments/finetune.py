@@ -52,6 +52,7 @@ import os
 import sys
 
 from jaxeff.experiment import Experiment
+from jaxeff.plots import save_figure
 
 CONDITIONS = ("plain", "prompt", "finetune")
 SYSTEM = "You solve detective puzzles."
@@ -177,7 +178,7 @@ def plot_accuracy(by_dataset: dict, path: str) -> None:
     ax.set_title("detective-finetune: SmolLM2-135M")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def run(cfg: FinetuneConfig, workdir: str | None = None, resume: bool = False) -> dict:

@@ -53,6 +53,7 @@ import json
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.plots import save_figure
 
 OPTIMIZERS = ("adam", "sam", "asam", "helen")
 
@@ -308,7 +309,7 @@ def plot_eigenvalues(summary: dict, path: str) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # --- one run ----------------------------------------------------------------------------------

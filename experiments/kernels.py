@@ -29,6 +29,7 @@ import sys
 import time
 
 from jaxeff.experiment import Experiment
+from jaxeff.plots import save_figure
 
 # (name, B, T, N, K, d, segments) of the attention lowering cases; (name, B, L, D, k) of MoD's
 ATTENTION_CASES = (
@@ -304,7 +305,7 @@ def plot_timings(timings: dict, lengths, path: str, meaningful: bool) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def run(cfg: KernelBenchConfig, workdir: str | None = None, resume: bool = False) -> dict:

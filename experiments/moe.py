@@ -91,6 +91,7 @@ import sys
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import MoEConfig, TransformerConfig
+from jaxeff.plots import save_figure
 from jaxeff.train.recipe import DataConfig, OptimConfig, TrainConfig
 
 DROPOUT_SETTINGS = ("0.0", "0.1", "0.3", "mid_0.1")
@@ -330,7 +331,7 @@ def _plot_openmoe(curves, agreement, drops, path_loss, path_routing):
     a2.legend()
     a2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path_routing, dpi=100)
+    save_figure(fig, path_routing, dpi=100)
 
 
 def run_openmoe(cfg: OpenMoEConfig, workdir: str | None = None, resume: bool = False) -> dict:
@@ -556,7 +557,7 @@ def _plot_token_crisis(val_loss, repeats_log2, path):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def run_token_crisis(

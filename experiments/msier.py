@@ -70,6 +70,7 @@ import json
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.plots import save_figure
 
 ATTRIBUTES = ("digit", "color", "size", "position", "background")
 NOUNS = {
@@ -348,7 +349,7 @@ def plot_accuracy(summary: dict, path: str) -> None:
     ax.tick_params(axis="x", labelrotation=15)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # --- the experiment ---------------------------------------------------------------------------

@@ -57,6 +57,7 @@ import dataclasses
 import os
 
 from jaxeff.experiment import Experiment
+from jaxeff.plots import save_figure
 
 METHODS = ("naive", "zscl")
 
@@ -138,7 +139,7 @@ def plot_matrices(summary: dict, path: str) -> None:
         ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
         ax.set_title(f"{m}: transfer {summary['transfer'][m]:.1f}, last {summary['last'][m]:.1f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
 
 
 def format_table(summary: dict) -> str:

@@ -59,6 +59,7 @@ import sys
 import time
 
 from jaxeff.experiment import Experiment
+from jaxeff.plots import save_figure
 
 LANGUAGES = {
     "en": "English",
@@ -327,7 +328,7 @@ def plot_val(history: list[dict], title: str, path: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def run(

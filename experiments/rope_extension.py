@@ -63,6 +63,7 @@ import sys
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import TransformerConfig
+from jaxeff.plots import save_figure
 from jaxeff.train.recipe import OptimConfig, TrainConfig
 
 _METHODS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
@@ -650,7 +651,7 @@ def plot(summary: dict, workdir: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, name), dpi=100)
+        save_figure(fig, os.path.join(workdir, name), dpi=100)
     smol = summary.get("smollm2")
     if smol and smol.get("by_method"):
         fig, axes = subplots(1, 2, figsize=(9, 3.5))
@@ -671,7 +672,7 @@ def plot(summary: dict, workdir: str) -> None:
             ax.legend(fontsize=8)
         fig.suptitle("SmolLM2-135M-Instruct")
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, "smollm2.png"), dpi=100)
+        save_figure(fig, os.path.join(workdir, "smollm2.png"), dpi=100)
 
 
 def _eval_writer(workdir: str):

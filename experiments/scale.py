@@ -55,6 +55,7 @@ import os
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import MoEConfig, TransformerConfig
 from jaxeff.parallel.mesh_config import MeshConfig
+from jaxeff.plots import save_figure
 
 PARTS = ("moe", "sam", "came", "infobatch", "mesh")
 
@@ -391,7 +392,7 @@ def plot_compose(summary: dict, path: str) -> None:
     ax.set_ylabel("val ppl(without) - val ppl(all)")
     ax.set_title("compose: what each part is worth")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------

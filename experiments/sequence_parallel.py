@@ -64,6 +64,7 @@ import sys
 
 from jaxeff.experiment import Experiment
 from jaxeff.nn.config import VideoDenoiserConfig
+from jaxeff.plots import save_figure
 
 METHODS = ("dsp", "ulysses", "ring", "megatron")
 DEVICES = 8
@@ -399,7 +400,7 @@ def _plot_bench(by_n: dict, path: str) -> None:
     axes[1].set(xlabel="devices N", ylabel="ms (fwd+bwd, median)", xticks=ns)
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- dsp-train
@@ -570,7 +571,7 @@ def _plot_curves(curves: dict, path: str) -> None:
     ax.set(xlabel="step", ylabel="denoising loss", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 EXPERIMENTS = {

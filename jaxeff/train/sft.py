@@ -417,7 +417,8 @@ def finetune(
         )
 
     records: list[dict] = []
-    writer = MetricsWriter(workdir) if workdir else None
+    # process 0 writes the run's metrics and TensorBoard (the others only keep `records`)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0) if workdir else None
 
     def record(step_: int, split: str, values: Mapping) -> None:
         row = {"step": step_, "split": split, **{k: float(v) for k, v in values.items()}}
