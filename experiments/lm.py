@@ -164,7 +164,8 @@ def run(cfg: LMConfig, workdir: str | None = None, resume: bool = False) -> dict
 
     import jax
 
-    from jaxeff.train.recipe import fit_lm, join
+    from jaxeff.train.metrics import join
+    from jaxeff.train.recipe import fit_lm
 
     workdir = workdir or tempfile.mkdtemp(prefix="jaxeff-lm-")
     trained = fit_lm(cfg, workdir, resume)

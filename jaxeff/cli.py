@@ -295,12 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         exp, cfg, workdir = experiment.prepare_run(
             args.name, args.preset, args.overrides, args.out, args.resume, args.config_file
         )
-        lead = _process_index() == 0
+        lead = experiment.process_index() == 0
         if lead:
             sys.stderr.write(f"jaxeff: running {args.name} in {workdir}\n")
         summary = experiment.run_experiment(exp, cfg, workdir, resume=args.resume)
     except _preempted() as err:
-        if _process_index() == 0:
+        if experiment.process_index() == 0:
             sys.stderr.write(f"jaxeff: {err}\n")
         return 143
     except ValueError as err:  # ConfigError, CheckpointError and bad data are ValueErrors
@@ -323,15 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     if lead:
         print(json.dumps(summary), flush=True)
     return 0
-
-
-def _process_index() -> int:
-    """This process's index in a multi-process jax job (0 when jax was never started)."""
-    if "jax" not in sys.modules:
-        return 0
-    import jax
-
-    return jax.process_index()
 
 
 def _preempted():

@@ -157,7 +157,7 @@ def prepare_run(
     ``etils.epath``); ``workdir`` is a str, the URI unchanged. In a multi-process job every
     process calls this: ``out`` is required (all hosts must share one run directory, and a
     time stamp would differ between them), and only process 0 writes ``config.json``."""
-    from jaxeff.train.metrics import as_path
+    from jaxeff.train.metrics import as_path, write_text
 
     overrides = list(overrides or [])
     exp = get_experiment(name)
@@ -201,21 +201,8 @@ def prepare_run(
         ) from err
     if process_index() == 0:
         saved = {"name": name, "preset": preset, "config": config_lib.to_dict(cfg)}
-        _write_whole(os.path.join(workdir, "config.json"), json.dumps(saved, indent=1))
+        write_text(os.path.join(workdir, "config.json"), json.dumps(saved, indent=1))
     return exp, cfg, workdir
-
-
-def _write_whole(path: str, text: str) -> None:
-    """Writes ``path`` so that no reader (another host resuming) sees half of it: a remote
-    object write replaces the object at once; a local file is written beside and renamed."""
-    from jaxeff.train.metrics import as_path, is_remote
-
-    if is_remote(path):
-        as_path(path).write_text(text)
-        return
-    tmp = as_path(f"{path}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _check_out_dir(out: str) -> None:
@@ -244,11 +231,9 @@ def _check_out_dir(out: str) -> None:
 def run_experiment(exp: Experiment, cfg, workdir: str, resume: bool = False) -> dict:
     """Runs it and writes ``summary.json`` (local or remote ``workdir``; process 0 only in a
     multi-process job); returns the summary on every process."""
-    from jaxeff.train.metrics import as_path
+    from jaxeff.train.metrics import write_text
 
     summary = exp.run(cfg, workdir=workdir, resume=resume)
     if process_index() == 0:
-        as_path(os.path.join(os.fspath(workdir), "summary.json")).write_text(
-            json.dumps(summary) + "\n"
-        )
+        write_text(os.path.join(os.fspath(workdir), "summary.json"), json.dumps(summary) + "\n")
     return summary

@@ -43,8 +43,7 @@ def preset_devices(cfg) -> int:
             "the preset's mesh has a -1 (fill) axis, so its device count is not fixed; pass "
             "--devices N"
         )
-    dcn = math.prod(getattr(mesh, f, 1) for f in ("dcn_data", "dcn_fsdp"))
-    return math.prod(sizes) * dcn
+    return math.prod(sizes) * mesh.num_slices
 
 
 def shard_bytes(tree) -> int:
@@ -90,20 +89,28 @@ def _state_parts(args) -> tuple[Any, Any]:
     return first, ()
 
 
+def _check_lowerable(exp, name: str, platform: str) -> None:
+    """ValueError unless ``platform`` is one of ``PLATFORMS`` and ``exp`` has a lowerable step."""
+    from jaxeff import experiment
+
+    if platform not in PLATFORMS:
+        raise ValueError(f"--platform {platform!r}; allowed: {', '.join(PLATFORMS)}")
+    if exp.lowerable is None:
+        able = [n for n, e in experiment.registry().items() if e.lowerable is not None]
+        raise ValueError(f"{name} has no lowerable step; experiments that do: {', '.join(able)}")
+
+
 def lower_here(name: str, cfg, platform: str, devices: int) -> dict:
-    """`lower` in a process that has at least ``devices`` devices (see the module docstring)."""
+    """`lower` in a process that has exactly ``devices`` devices (see the module docstring)."""
     import time
 
     import jax
 
     from jaxeff import experiment
+    from jaxeff.parallel.mesh import tree_bytes
 
-    if platform not in PLATFORMS:
-        raise ValueError(f"--platform {platform!r}; allowed: {', '.join(PLATFORMS)}")
     exp = experiment.get_experiment(name)
-    if exp.lowerable is None:
-        able = [n for n, e in experiment.registry().items() if e.lowerable is not None]
-        raise ValueError(f"{name} has no lowerable step; experiments that do: {', '.join(able)}")
+    _check_lowerable(exp, name, platform)
     if jax.device_count() != devices:
         raise ValueError(
             f"lowering for {devices} devices in a process with {jax.device_count()}; "
@@ -122,7 +129,7 @@ def lower_here(name: str, cfg, platform: str, devices: int) -> dict:
         "exported_devices": int(exported.nr_devices),
         "hlo_bytes": len(exported.mlir_module_serialized),
         "custom_calls": custom_call_targets(exported.mlir_module()),
-        "param_bytes": shard_bytes(_unsharded(params)),
+        "param_bytes": tree_bytes(params),
         "param_bytes_per_device": shard_bytes(params),
         "opt_bytes_per_device": shard_bytes(opt_state),
         "export_s": round(export_s, 2),
@@ -145,12 +152,6 @@ def lower_here(name: str, cfg, platform: str, devices: int) -> dict:
     return out
 
 
-def _unsharded(tree):
-    import jax
-
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def _lower_child(cfg, name: str, platform: str, devices: int) -> dict:
     """Module-level entry of the child process (`call_on_simulated_devices`)."""
     return lower_here(name, cfg, platform, devices)
@@ -168,12 +169,8 @@ def lower(
     the preset's mesh."""
     from jaxeff import experiment
 
-    if platform not in PLATFORMS:
-        raise ValueError(f"--platform {platform!r}; allowed: {', '.join(PLATFORMS)}")
     exp, cfg = experiment.resolve_config(name, preset, list(overrides or []), config_file)
-    if exp.lowerable is None:
-        able = [n for n, e in experiment.registry().items() if e.lowerable is not None]
-        raise ValueError(f"{name} has no lowerable step; experiments that do: {', '.join(able)}")
+    _check_lowerable(exp, name, platform)
     devices = preset_devices(cfg) if devices is None else devices
     if devices < 1:
         raise ValueError(f"--devices {devices}: allowed an integer >= 1")

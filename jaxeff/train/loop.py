@@ -323,13 +323,13 @@ def fit(
     from jaxeff.data.packing import iterator_state, restore_iterator
     from jaxeff.data.prefetch import DevicePrefetch
     from jaxeff.train.checkpoint import Checkpointer
-    from jaxeff.train.metrics import MetricsWriter
+    from jaxeff.train.metrics import MetricsWriter, join
 
     if cfg.steps < 1:
         raise ValueError(f"train steps must be >= 1, got {cfg.steps}")
-    profiler = Profiler(tuple(cfg.profile_steps), _join(workdir, "profile"))
+    profiler = Profiler(tuple(cfg.profile_steps), join(workdir, "profile"))
     ckpt = Checkpointer(
-        _join(workdir, "checkpoints"), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+        join(workdir, "checkpoints"), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
     )
     writer = bar = None
     lead = jax.process_index() == 0
@@ -388,9 +388,3 @@ def fit(
             writer.close()
         ckpt.close()
     return state, writer.records
-
-
-def _join(root, name: str) -> str:
-    from etils import epath
-
-    return str(epath.Path(root) / name)

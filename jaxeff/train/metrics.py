@@ -51,6 +51,25 @@ def as_path(path):
     return epath.Path(path)
 
 
+def join(root, *parts) -> str:
+    """``root/parts`` as a str, for a local path or a URI (never made absolute)."""
+    return str(as_path(root).joinpath(*parts))
+
+
+def write_text(path, text: str) -> None:
+    """Writes ``text`` to ``path`` (local or a URI; its folder created) so that no reader, such
+    as another host resuming, sees half of it: a remote object write replaces the object at
+    once; a local file is written beside and renamed."""
+    target = as_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        target.write_text(text)
+        return
+    tmp = as_path(f"{os.fspath(path)}.tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+
+
 def _plain(value):
     if isinstance(value, np.generic | np.ndarray):
         value = value.item() if np.ndim(value) == 0 else np.asarray(value).tolist()

@@ -391,18 +391,18 @@ def check_mesh_axes(mesh_cfg: MeshConfig, model_cfg: TransformerConfig) -> None:
     decoder's activations are not split over the sequence here; sequence parallelism is
     `jaxeff.parallel.sequence`, experiment ``dsp-train``) and ``expert`` without MoE layers;
     ``clients`` belongs to the federated experiments."""
-    if mesh_cfg.seq not in (1,):
+    if mesh_cfg.seq != 1:
         raise ValueError(
             f"mesh.seq={mesh_cfg.seq}: the lm recipe does not split the sequence, so a seq axis "
             "would only replicate work; use mesh.data / mesh.fsdp / mesh.tensor (sequence "
             "parallelism: dsp-train)"
         )
-    if mesh_cfg.expert not in (1,) and model_cfg.moe is None:
+    if mesh_cfg.expert != 1 and model_cfg.moe is None:
         raise ValueError(
             f"mesh.expert={mesh_cfg.expert} needs MoE layers (model.moe); a dense model would "
             "only replicate work over it; use mesh.data / mesh.fsdp / mesh.tensor"
         )
-    if mesh_cfg.clients not in (1,):
+    if mesh_cfg.clients != 1:
         raise ValueError(
             f"mesh.clients={mesh_cfg.clients} belongs to the federated experiments (photon, "
             "dept); use mesh.data / mesh.fsdp / mesh.tensor"
@@ -506,17 +506,12 @@ def loss_fn(cfg: LMConfig):
     return functools.partial(causal_lm_loss, chunk=chunk) if chunk else causal_lm_loss
 
 
-def build(cfg: LMConfig, data=None, *, on_mesh: bool = False, init: bool = True) -> LMRun:
-    """The data, model, initial train state and step functions of a run. ``data``: already
-    built `LMData` of ``cfg.data``. ``on_mesh``: the state is created directly sharded on
-    ``cfg.mesh`` (`init_train_state`) and the steps compiled for it; otherwise one device.
-    ``init=False`` leaves ``state`` None (a run that restores a checkpoint into
-    ``abstract_state`` never builds the initial one)."""
+def _abstract_run(cfg: LMConfig, vocab_size: int, on_mesh: bool):
+    """``(model_cfg, tx, graphdef, abstract_state, placement)`` of ``cfg`` with the tokenizer's
+    ``vocab_size``: nothing allocated; the placement on ``cfg.mesh`` when ``on_mesh``."""
     from jaxeff.nn.transformer import param_logical_axes
-    from jaxeff.train.loop import make_eval_step, make_train_step
 
-    data = build_data(cfg.data, cfg.seed) if data is None else data
-    model_cfg = cfg.model_for(data.vocab_size)
+    model_cfg = cfg.model_for(vocab_size)
     tx = cfg.optim.build(cfg.train.steps)
     graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
     where = Placement()
@@ -524,6 +519,19 @@ def build(cfg: LMConfig, data=None, *, on_mesh: bool = False, init: bool = True)
         check_mesh_axes(cfg.mesh, model_cfg)
         axes = param_logical_axes(abstract.params)
         where = placement(cfg.mesh, abstract, axes, cfg.train.batch_size, cfg.data.seq_len)
+    return model_cfg, tx, graphdef, abstract, where
+
+
+def build(cfg: LMConfig, data=None, *, on_mesh: bool = False, init: bool = True) -> LMRun:
+    """The data, model, initial train state and step functions of a run. ``data``: already
+    built `LMData` of ``cfg.data``. ``on_mesh``: the state is created directly sharded on
+    ``cfg.mesh`` (`init_train_state`) and the steps compiled for it; otherwise one device.
+    ``init=False`` leaves ``state`` None (a run that restores a checkpoint into
+    ``abstract_state`` never builds the initial one)."""
+    from jaxeff.train.loop import make_eval_step, make_train_step
+
+    data = build_data(cfg.data, cfg.seed) if data is None else data
+    model_cfg, tx, graphdef, abstract, where = _abstract_run(cfg, data.vocab_size, on_mesh)
     state = init_train_state(model_cfg, tx, cfg.seed, where.state) if init else None
     shardings = where.step_shardings
     loss = loss_fn(cfg)
@@ -533,42 +541,6 @@ def build(cfg: LMConfig, data=None, *, on_mesh: bool = False, init: bool = True)
     return LMRun(
         data, model_cfg, graphdef, state, tx, train_step, eval_step, where, abstract, cfg.seed
     )
-
-
-def place_run(run: LMRun, cfg: LMConfig) -> tuple[LMRun, Placement]:
-    """``run`` (built on one device) with its state moved onto ``cfg.mesh`` and steps compiled
-    for it, and the `Placement`. The state passes through the host whole: prefer
-    ``build(cfg, on_mesh=True)``, which creates it sharded."""
-    from jaxeff.nn.transformer import param_logical_axes
-    from jaxeff.train.loop import make_eval_step, make_train_step
-
-    t = cfg.train
-    check_mesh_axes(cfg.mesh, run.model_cfg)
-    axes = param_logical_axes(run.state.params)
-    state, where = place(cfg.mesh, run.state, axes, t.batch_size, cfg.data.seq_len)
-    if where.mesh is None:
-        return run, where
-    shardings = where.step_shardings
-    loss = loss_fn(cfg)
-    train_step = make_train_step(run.graphdef, run.tx, loss, shardings=shardings)
-    eval_step = make_eval_step(run.graphdef, loss, shardings=shardings)
-    abstract = with_shardings(jax_shapes(run.state), where.state)
-    replaced = dataclasses.replace(
-        run,
-        state=state,
-        train_step=train_step,
-        eval_step=eval_step,
-        placement=where,
-        abstract_state=abstract,
-    )
-    return replaced, where
-
-
-def jax_shapes(tree):
-    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` (no sharding)."""
-    import jax
-
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 @dataclasses.dataclass
@@ -590,6 +562,7 @@ def fit_lm(cfg: LMConfig, workdir: str, resume: bool = False) -> TrainedLM:
 
     from jaxeff import config as config_lib
     from jaxeff.train.loop import evaluate, fit
+    from jaxeff.train.metrics import join, write_text
 
     run = build(cfg, on_mesh=True, init=False)
     t = cfg.train
@@ -619,22 +592,6 @@ def fit_lm(cfg: LMConfig, workdir: str, resume: bool = False) -> TrainedLM:
     return TrainedLM(dataclasses.replace(run, state=state), state, records, where)
 
 
-def join(root, *parts) -> str:
-    """``root/parts`` for a local path or a URI (``gs://...``): never made absolute."""
-    from etils import epath
-
-    return str(epath.Path(root).joinpath(*parts))
-
-
-def write_text(path, text: str) -> None:
-    """Writes ``text`` to a local path or URI (through ``etils.epath``)."""
-    from etils import epath
-
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def load_run(workdir: str, step: int | None = None):
     """``(model, tokenizer)``: the trained model of a `fit_lm` run directory (the newest
     checkpoint, or ``step``) and its tokenizer."""
@@ -646,6 +603,7 @@ def load_run(workdir: str, step: int | None = None):
     from jaxeff import config as config_lib
     from jaxeff.nn.transformer import Transformer
     from jaxeff.train.checkpoint import Checkpointer
+    from jaxeff.train.metrics import join
     from jaxeff.train.state import create_train_state
 
     ckpt = Checkpointer(join(workdir, "checkpoints"))
@@ -672,16 +630,10 @@ def lowerable_step(cfg: LMConfig):
     import jax
     import jax.numpy as jnp
 
-    from jaxeff.nn.transformer import param_logical_axes
     from jaxeff.train.loop import make_train_step
 
     t = cfg.train
-    model_cfg = cfg.model_for(cfg.data.vocab_size)
-    check_mesh_axes(cfg.mesh, model_cfg)
-    tx = cfg.optim.build(t.steps)
-    graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
-    axes = param_logical_axes(abstract.params)
-    where = placement(cfg.mesh, abstract, axes, t.batch_size, cfg.data.seq_len)
+    _, tx, graphdef, abstract, where = _abstract_run(cfg, cfg.data.vocab_size, on_mesh=True)
     step = make_train_step(graphdef, tx, loss_fn(cfg), shardings=where.step_shardings)
     tokens_sharding = None if where.mesh is None else where.batch["tokens"]
     batch = {

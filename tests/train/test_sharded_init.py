@@ -53,7 +53,7 @@ def _sharded_init_report(cfg: LMConfig, workdir: str) -> dict:
     # a checkpoint restored straight into the shardings
     with Checkpointer(workdir, async_save=False) as ckpt:
         ckpt.save(1, state, {}, {}, force=True)
-        target = recipe.with_shardings(recipe.jax_shapes(state), where.state)
+        target = recipe.with_shardings(abstract, where.state)
         restored, _, _ = ckpt.restore(target, 1)
     shardings_kept = all(
         r.sharding.is_equivalent_to(s, r.ndim)
